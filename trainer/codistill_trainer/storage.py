@@ -26,14 +26,23 @@ class StorageError(RuntimeError):
     """The bucket cannot be reached or used; the message names the URL."""
 
 
-def filesystem(url: str, endpoint: str | None = None) -> tuple[AbstractFileSystem, str]:
-    """The filesystem and root path of `url`; S3 credentials come from the environment only."""
+def filesystem(
+    url: str, endpoint: str | None = None, credentials: dict[str, str] | None = None
+) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and root path of `url`.
+
+    S3 credentials come from `credentials` (the operator reads them from the run's Secret) or
+    from the environment (a trainer pod gets them from the Secret as env); never from the spec.
+    """
     options: dict[str, Any] = {}
     if url.startswith("s3://"):
         endpoint = endpoint or os.environ.get(layout.ENV_ENDPOINT)
         options = {"use_listings_cache": False, "skip_instance_cache": True}
         if endpoint:
             options["endpoint_url"] = endpoint
+        if credentials:
+            options["key"] = credentials[layout.ENV_ACCESS_KEY]
+            options["secret"] = credentials[layout.ENV_SECRET_KEY]
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as e:
@@ -60,9 +69,11 @@ def retry(what: str, fn: Callable[[], T], attempts: int = RETRIES) -> T:
 class Bucket:
     """One run folder (or any prefix) on a filesystem, addressed by paths relative to its root."""
 
-    def __init__(self, url: str, endpoint: str | None = None):
+    def __init__(
+        self, url: str, endpoint: str | None = None, credentials: dict[str, str] | None = None
+    ):
         self.url = url.rstrip("/")
-        self.fs, self.root = filesystem(self.url, endpoint)
+        self.fs, self.root = filesystem(self.url, endpoint, credentials)
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
