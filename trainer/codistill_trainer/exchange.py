@@ -1,0 +1,151 @@
+"""Checkpoint exchange through the bucket: publish, find latest, verify, load.
+
+A channel is a folder of immutable blobs plus one small pointer, `LATEST.json`. S3 has no rename,
+so publishing writes the blob first and then overwrites the pointer with a single PUT (atomic to
+readers): the pointer is the commit point. Readers read the pointer, fetch the blob it names, check
+size and sha256, and load nothing else, so a torn or half-written blob is never loaded. The last
+few blobs are kept (and listed in the pointer) so a reader mid-download never loses its blob and a
+corrupt newest blob still leaves an older good one.
+
+Peers' weights cross groups only as safetensors (no pickle from a shared bucket); a group's own
+training state is a torch file loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import layout
+from .storage import Bucket
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A pointer or blob that failed verification; it is never loaded."""
+
+
+@dataclass(frozen=True)
+class Pointer:
+    step: int
+    key: str
+    sha256: str
+    bytes: int
+    time: float
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> Pointer:
+        try:
+            return cls(
+                step=int(data["step"]), key=str(data["key"]), sha256=str(data["sha256"]),
+                bytes=int(data["bytes"]), time=float(data["time"]),
+            )
+        except (TypeError, KeyError, ValueError) as e:
+            raise CorruptCheckpoint(f"{where}: malformed pointer ({e!r})") from None
+
+
+class Channel:
+    """One folder of immutable `<step>.<suffix>` blobs and its `LATEST.json` commit point."""
+
+    def __init__(self, bucket: Bucket, folder: str, suffix: str, keep: int = layout.KEEP_BLOBS):
+        self.bucket, self.folder, self.suffix, self.keep = bucket, folder, suffix, keep
+
+    @property
+    def pointer_path(self) -> str:
+        return f"{self.folder}/{layout.POINTER}"
+
+    def publish(self, step: int, data: bytes) -> Pointer:
+        """Write the blob, then commit it by overwriting the pointer; prune old blobs."""
+        key = f"{step}.{self.suffix}"
+        if self.bucket.exists(f"{self.folder}/{key}"):  # e.g. republished after a resume
+            key = f"{step}.{uuid.uuid4().hex[:8]}.{self.suffix}"
+        self.bucket.put(f"{self.folder}/{key}", data)
+        latest = Pointer(step, key, hashlib.sha256(data).hexdigest(), len(data), time.time())
+        try:
+            history = [asdict(p) for p in self.history()][: self.keep - 1]
+        except CorruptCheckpoint:  # a garbage pointer is replaced, not trusted
+            history = []
+        self.bucket.put_json(self.pointer_path, {**asdict(latest), "previous": history})
+        self._prune({latest.key, *(p["key"] for p in history)})
+        return latest
+
+    def _read_pointer(self) -> dict[str, Any] | None:
+        try:
+            return self.bucket.get_json(self.pointer_path)
+        except ValueError as e:  # torn or garbage JSON
+            raise CorruptCheckpoint(f"{self.bucket.url}/{self.pointer_path}: {e}") from None
+
+    def latest(self) -> Pointer | None:
+        """The committed newest blob, or None when nothing was published yet."""
+        data = self._read_pointer()
+        return None if data is None else Pointer.parse(data, f"{self.bucket.url}/{self.pointer_path}")
+
+    def history(self) -> list[Pointer]:
+        """The newest pointer, then the older retained ones (newest first)."""
+        data = self._read_pointer()
+        if data is None:
+            return []
+        where = f"{self.bucket.url}/{self.pointer_path}"
+        return [Pointer.parse(data, where)] + [
+            Pointer.parse(p, where) for p in data.get("previous", []) if isinstance(p, dict)
+        ]
+
+    def fetch(self, pointer: Pointer) -> bytes:
+        """The blob's bytes, verified against the pointer's size and sha256."""
+        where = f"{self.bucket.url}/{self.folder}/{pointer.key}"
+        try:
+            data = self.bucket.get(f"{self.folder}/{pointer.key}")
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{where}: missing (pruned or never written)") from None
+        if len(data) != pointer.bytes:
+            raise CorruptCheckpoint(f"{where}: {len(data)} bytes, pointer says {pointer.bytes}")
+        if hashlib.sha256(data).hexdigest() != pointer.sha256:
+            raise CorruptCheckpoint(f"{where}: sha256 mismatch")
+        return data
+
+    def _prune(self, keep: set[str]) -> None:
+        for name in self.bucket.ls(self.folder):
+            if name.endswith(f".{self.suffix}") and name not in keep:
+                self.bucket.rm(f"{self.folder}/{name}")
+
+
+def teacher_channel(bucket: Bucket, group: int) -> Channel:
+    return Channel(bucket, layout.teacher_dir(group), "safetensors")
+
+
+def state_channel(bucket: Bucket, group: int) -> Channel:
+    return Channel(bucket, layout.state_dir(group), "pt")
+
+
+def weights_to_bytes(state_dict: dict[str, torch.Tensor], step: int) -> bytes:
+    """Safetensors bytes of a model's weights (tied tensors are stored as separate copies)."""
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}
+    return st_save(tensors, metadata={"step": str(step)})
+
+
+def weights_from_bytes(data: bytes, where: str = "blob") -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CorruptCheckpoint(f"{where}: not a valid safetensors file ({e})") from None
+
+
+def state_to_bytes(state: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def state_from_bytes(data: bytes, where: str = "state") -> dict[str, Any]:
+    """A group's own state: tensors and plain containers only, never arbitrary objects."""
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise CorruptCheckpoint(f"{where}: cannot load training state ({e})") from None

@@ -1,0 +1,212 @@
+"""`codistill run`: the same manifest a cluster runs, as local processes (the embedded default).
+
+It renders the very PyTorchJobs the operator would create, and starts each replica's `pytorch`
+container command as a local process with the environment the Kubeflow Training Operator injects
+(MASTER_ADDR/PORT, WORLD_SIZE, RANK, PET_*) plus the container's own env, secrets resolved from
+the caller's environment. A local folder is the bucket unless `storage.url` names one.
+A crashed worker or Ctrl-C stops every process, with a clear message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+
+from . import layout, view
+from .jobs import CONTAINER, render_jobs
+from .spec import Codistillation, SpecError
+from .storage import Bucket
+
+DEFAULT_STORAGE = "runs"  # local folder used as the bucket when storage.url is not set
+STOP_GRACE_S = 5.0
+
+
+class RunFailed(RuntimeError):
+    """A worker exited non-zero; the message names it and ends with its log's tail."""
+
+
+@dataclass
+class Replica:
+    """One pod of a PyTorchJob, as a local process."""
+
+    job: str
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+
+def local_run_url(run: Codistillation, cwd: Path) -> str:
+    base = run.spec.storage.url or (cwd / DEFAULT_STORAGE).resolve().as_uri()
+    return layout.run_url(base, run.metadata.namespace, run.metadata.name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def container_env(container: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
+    """The container's env; `secretKeyRef`s resolve to the caller's variables of the same key."""
+    env = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = str(var["value"])
+            continue
+        ref = var.get("valueFrom", {}).get("secretKeyRef", {})
+        key = ref.get("key", var["name"])
+        if key not in environ:
+            raise SpecError(f"spec.storage.credentialsSecret: secret key {key} must be set in "
+                            f"the environment for a local run")
+        env[var["name"]] = environ[key]
+    return env
+
+
+def operator_env(job: dict[str, Any], rtype: str, index: int, port: int) -> dict[str, str]:
+    """What the Training Operator (v1.9, with a Master) injects into a replica's container."""
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    nodes = sum(s["replicas"] for s in specs.values())
+    nproc = int(job["spec"].get("nprocPerNode", "1"))
+    rank = 0 if rtype == "Master" else index + 1
+    return {
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(nodes * nproc), "RANK": str(rank),
+        "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port),
+        "PET_NNODES": str(nodes), "PET_NODE_RANK": str(rank),
+        "PET_NPROC_PER_NODE": str(nproc), "PYTHONUNBUFFERED": "1",
+    }
+
+
+def replicas(job: dict[str, Any], environ: dict[str, str], logs: Path) -> list[Replica]:
+    """Every pod of one PyTorchJob, ready to start."""
+    port, found = _free_port(), []
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    nodes = sum(s["replicas"] for s in specs.values())
+    threads = max(1, (os.cpu_count() or 1) // (nodes * int(job["spec"].get("nprocPerNode", "1"))))
+    for rtype in ("Master", "Worker"):
+        spec = specs.get(rtype)
+        for i in range(spec["replicas"] if spec else 0):
+            pod = spec["template"]["spec"]
+            container = next(c for c in pod["containers"] if c["name"] == CONTAINER)
+            command = list(container["command"]) + list(container.get("args", []))
+            if command[0] == "python":  # the image's python is this interpreter locally
+                command[0] = sys.executable
+            env = {**environ, "OMP_NUM_THREADS": str(threads),
+                   **container_env(container, environ), **operator_env(job, rtype, i, port)}
+            name = f"{job['metadata']['name']}-{rtype.lower()}-{i}"
+            found.append(Replica(job["metadata"]["name"], name, command, env, logs / f"{name}.log"))
+    return found
+
+
+def prepare(run: Codistillation, bucket: Bucket, fresh: bool) -> None:
+    """Create the run folder and write run.json; refuse to mix two different specs in one folder."""
+    bucket.ensure()
+    existing = bucket.get_json(layout.RUN_JSON)
+    if fresh and existing is not None:
+        for name in bucket.ls(""):
+            bucket.rm(name)
+        existing = None
+    if existing is not None and existing.get("spec") != run.resolved()["spec"]:
+        raise SpecError(f"{bucket.url} holds a run with a different spec; use --fresh to start "
+                        f"over or rename metadata.name")
+    bucket.put_json(layout.RUN_JSON, run.resolved())
+
+
+def start(reps: list[Replica]) -> None:
+    for r in reps:
+        r.log.parent.mkdir(parents=True, exist_ok=True)
+        with r.log.open("ab") as out:
+            r.proc = subprocess.Popen(r.command, env=r.env, stdout=out, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(reps: list[Replica]) -> None:
+    """SIGTERM every process group still running, then SIGKILL what is left after a grace period."""
+    live = [r for r in reps if r.proc and r.proc.poll() is None]
+    for r in live:
+        _signal(r, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for r in live:
+        try:
+            r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal(r, signal.SIGKILL)
+            r.proc.wait()
+
+
+def _signal(r: Replica, sig: signal.Signals) -> None:
+    try:
+        os.killpg(r.proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def failed(reps: list[Replica]) -> Replica | None:
+    return next((r for r in reps if r.proc and r.proc.poll() not in (None, 0)), None)
+
+
+def supervise(reps: list[Replica], bucket: Bucket, run: Codistillation, console: Console) -> None:
+    """Show live progress until every process exits; raise RunFailed on the first crash."""
+    def table() -> Any:
+        return view.progress_table(run.metadata.name, view.load_progress(bucket, run.spec.groups),
+                                   run.spec)
+
+    def check() -> bool:
+        bad = failed(reps)
+        if bad:
+            raise RunFailed(f"{bad.name} exited with code {bad.proc.returncode}; stopped the run. "
+                            f"Log {bad.log}:\n{tail(bad.log)}")
+        return all(r.proc.poll() == 0 for r in reps)
+
+    if console.is_terminal:
+        with Live(table(), console=console, refresh_per_second=2) as live:
+            while not check():
+                time.sleep(0.5)
+                live.update(table())
+    else:
+        last = 0.0
+        while not check():
+            time.sleep(0.5)
+            if time.monotonic() - last > 15:
+                console.print(table())
+                last = time.monotonic()
+    console.print(table())
+
+
+def run_local(run: Codistillation, cwd: Path, fresh: bool, console: Console) -> Bucket:
+    """Run every group to completion; returns the run folder."""
+    bucket = Bucket(local_run_url(run, cwd), run.spec.storage.endpoint)
+    prepare(run, bucket, fresh)
+    logs = cwd / ".codistill" / "logs" / f"{run.metadata.namespace}-{run.metadata.name}"
+    reps = [r for job in render_jobs(run, bucket.url) for r in replicas(job, dict(os.environ), logs)]
+    console.print(f"[bold]{run.metadata.name}[/]: {run.spec.groups} group(s) x "
+                  f"{run.spec.world_size} process(es), run folder {bucket.url}, logs {logs}")
+    try:
+        start(reps)
+        supervise(reps, bucket, run, console)
+    except KeyboardInterrupt:
+        raise RunFailed("interrupted: stopped every worker (progress up to the last "
+                        "checkpoint is kept; run again to resume)") from None
+    finally:
+        stop(reps)
+    return bucket

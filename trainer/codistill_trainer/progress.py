@@ -1,0 +1,86 @@
+"""A group's `progress.json`: what the live display, `codistill status` and the operator read.
+
+Rank 0 of each group keeps running averages since the last record and writes the whole file (one
+PUT, so readers never see half of it) from the background uploader.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from . import layout
+from .storage import Bucket
+
+MAX_HISTORY = 400  # points kept for the curves; older ones are thinned out
+
+
+class Progress:
+    def __init__(self, group: int, steps: int, history: list[dict[str, Any]] | None = None):
+        self.group, self.steps = group, steps
+        self.history: list[dict[str, Any]] = list(history or [])
+        self.state = "starting"
+        self.step = 0
+        self.resumed_from: int | None = None
+        self.last_published: int | None = None
+        self.eval: dict[str, float] = {}
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._examples = 0
+        self._since = time.monotonic()
+        self.rate = 0.0
+        self.last: dict[str, float | None] = {}
+
+    def add(self, step: int, examples: int, **losses: float | None) -> None:
+        """Accumulate one step's (group-averaged) losses."""
+        self.step, self._count, self._examples = step, self._count + 1, self._examples + examples
+        for key, value in losses.items():
+            if value is not None:
+                self._sums[key] = self._sums.get(key, 0.0) + value
+
+    def record(self) -> None:
+        """Close the current interval: averages become the latest values and a history point."""
+        if not self._count:
+            return
+        elapsed = max(time.monotonic() - self._since, 1e-9)
+        self.rate = self._examples / elapsed
+        self.last = {k: v / self._count for k, v in self._sums.items()}
+        self.last.setdefault("distillLoss", None)
+        self.history.append({"step": self.step, **self.last})
+        if len(self.history) > MAX_HISTORY:  # keep the ends, thin the middle
+            self.history = self.history[:1] + self.history[1:-1:2] + self.history[-1:]
+        self._sums, self._count, self._examples = {}, 0, 0
+        self._since = time.monotonic()
+
+    def record_eval(self, step: int, loss: float, accuracy: float) -> None:
+        self.eval = {"evalLoss": loss, "evalAccuracy": accuracy}
+        self.history.append({"step": step, **self.eval})
+
+    def to_json(self, teachers: dict[int, int], staleness: dict[int, int], warnings: list[str]) -> dict:
+        def clean(v: float | None) -> float | None:
+            return None if v is None or not math.isfinite(v) else round(v, 6)
+
+        return {
+            "group": self.group,
+            "step": self.step,
+            "steps": self.steps,
+            "state": self.state,
+            "loss": clean(self.last.get("loss")),
+            "taskLoss": clean(self.last.get("taskLoss")),
+            "distillLoss": clean(self.last.get("distillLoss")),
+            "evalLoss": clean(self.eval.get("evalLoss")),
+            "evalAccuracy": clean(self.eval.get("evalAccuracy")),
+            "teachers": {str(p): s for p, s in teachers.items()},
+            "staleness": {str(p): s for p, s in staleness.items()},
+            "lastPublished": self.last_published,
+            "examplesPerSec": round(self.rate, 2),
+            "time": time.time(),
+            "resumedFrom": self.resumed_from,
+            "warnings": warnings,
+            "history": self.history,
+        }
+
+
+def write(bucket: Bucket, group: int, doc: dict[str, Any]) -> None:
+    bucket.put_json(layout.progress_file(group), doc)

@@ -1,0 +1,156 @@
+"""The teachers: stale copies of the peer groups' models, tolerant of missing or broken ones.
+
+A background poller watches each peer's teacher channel, and fetches, verifies and decodes every
+new blob off the training thread. At a reload boundary the ranks of a group agree (all-reduce MIN)
+on the newest version every rank already holds, and swap it in together, so every rank of a group
+distills from the same teacher. A peer that is missing, late, stale or corrupt is left out (or
+keeps its last good version) and the reason is kept for progress and status.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .exchange import CorruptCheckpoint, teacher_channel, weights_from_bytes
+from .shards import generator
+from .storage import Bucket, StorageError
+from .tasks.base import Batch, Task
+
+log = logging.getLogger(__name__)
+NONE = -1  # "no version" in the agreement tensor
+
+
+class PeerPoller:
+    """Polls peers' pointers in a thread; keeps each peer's last few verified versions in memory."""
+
+    def __init__(self, bucket: Bucket, peers: Sequence[int], interval: float = 1.0, keep: int = 2):
+        self.channels = {p: teacher_channel(bucket, p) for p in peers}
+        self.interval, self.keep = interval, keep
+        self._versions: dict[int, dict[int, dict[str, torch.Tensor]]] = {p: {} for p in peers}
+        self.warnings: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="codistill-poller", daemon=True)
+
+    def start(self) -> PeerPoller:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._stop.wait(self.interval)
+
+    def poll_once(self) -> None:
+        for peer, channel in self.channels.items():
+            try:
+                pointer = channel.latest()
+                if pointer is None or pointer.step in self._versions[peer]:
+                    continue
+                weights = weights_from_bytes(channel.fetch(pointer), pointer.key)
+            except (CorruptCheckpoint, StorageError) as e:
+                self.warnings[peer] = f"peer {peer}: {e}; keeping last good teacher"
+                log.warning("%s", self.warnings[peer])
+                continue
+            with self._lock:
+                versions = self._versions[peer]
+                versions[pointer.step] = weights
+                for old in sorted(versions)[: -self.keep]:
+                    del versions[old]
+            self.warnings.pop(peer, None)
+
+    def newest(self) -> dict[int, int]:
+        with self._lock:
+            return {p: max(v, default=NONE) for p, v in self._versions.items()}
+
+    def get(self, peer: int, step: int) -> dict[str, torch.Tensor] | None:
+        with self._lock:
+            return self._versions[peer].get(step)
+
+
+def _all_reduce(values: list[int], op: dist.ReduceOp) -> list[int]:
+    """Reduce across the group's ranks (no-op in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+class Teachers:
+    """The peer models this group distills from, in eval mode and never trained."""
+
+    def __init__(self, task: Task, poller: PeerPoller, max_staleness: int):
+        self.task, self.poller, self.max_staleness = task, poller, max_staleness
+        self.peers = sorted(poller.channels)
+        self.models: dict[int, nn.Module] = {}
+        self.steps: dict[int, int] = {}
+        self.warnings: dict[int, str] = {}
+
+    def refresh(self) -> None:
+        """Swap in newer peer versions, on every rank together (a collective: call on all ranks)."""
+        newest = self.poller.newest()
+        agreed = _all_reduce([newest[p] for p in self.peers], dist.ReduceOp.MIN)
+        loaded: dict[int, dict[str, torch.Tensor]] = {}
+        for peer, step in zip(self.peers, agreed):
+            if step != NONE and step > self.steps.get(peer, NONE):
+                weights = self.poller.get(peer, step)
+                if weights is not None:
+                    loaded[peer] = weights
+        # Swap only what every rank holds, so the ranks of a group never disagree.
+        have = _all_reduce([int(p in loaded) for p in self.peers], dist.ReduceOp.MIN)
+        for peer, ok, step in zip(self.peers, have, agreed):
+            if ok:
+                self._load(peer, step, loaded[peer])
+
+    def _load(self, peer: int, step: int, weights: dict[str, torch.Tensor]) -> None:
+        model = self.models.get(peer) or self.task.model()
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:  # same on every rank: the blob is identical everywhere
+            self.warnings[peer] = f"peer {peer} step {step}: weights do not fit the model ({e})"
+            return
+        model.eval().requires_grad_(False)
+        self.models[peer], self.steps[peer] = model, step
+        self.warnings.pop(peer, None)
+
+    def usable(self, step: int) -> list[int]:
+        """Peers with a loaded version no more than maxStalenessSteps behind `step`."""
+        fresh = []
+        for peer, teacher_step in self.steps.items():
+            if step - teacher_step <= self.max_staleness:
+                fresh.append(peer)
+                self.warnings.pop(peer, None)
+            else:
+                self.warnings[peer] = (
+                    f"peer {peer} is {step - teacher_step} steps stale "
+                    f"(> maxStalenessSteps {self.max_staleness}); skipped"
+                )
+        return sorted(fresh)
+
+    def logits(self, batch: Batch, peers: Sequence[int]) -> list[torch.Tensor]:
+        """The chosen teachers' logits on the student's batch (inference only)."""
+        with torch.inference_mode():
+            return [self.task.logits(self.task.forward(self.models[p], batch)) for p in peers]
+
+    def staleness(self, step: int) -> dict[int, int]:
+        return {p: step - s for p, s in self.steps.items()}
+
+
+def sample(peers: list[int], k: int | str, seed: int, step: int) -> list[int]:
+    """`all` peers, or k of them drawn the same way on every rank of the group at this step."""
+    if k == "all" or len(peers) <= int(k):
+        return peers
+    order = torch.randperm(len(peers), generator=generator(seed, 0, step)).tolist()
+    return sorted(peers[i] for i in order[: int(k)])

@@ -1,0 +1,84 @@
+"""Entry point of every trainer container: `python -m codistill_trainer.worker`.
+
+Reads who it is from the env contract (ARCHITECTURE.md) and what to do from `run.json` in the run
+folder, joins its group's DDP world and trains. With `nprocPerWorker` > 1 the pod hands over to
+torchrun, which reads the PET_* variables the Training Operator injects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import layout, spec
+from .conclude import write_report
+from .storage import Bucket
+from .train import Loop, Worker
+
+log = logging.getLogger("codistill.worker")
+
+
+def _env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise SystemExit(f"codistill worker: environment variable {name} is not set "
+                         f"(the operator or `codistill run` sets it)")
+    return value
+
+
+def _hand_over_to_torchrun() -> bool:
+    """Several processes per pod: relaunch under torchrun (once; its children skip this)."""
+    nproc = int(os.environ.get("PET_NPROC_PER_NODE", "1") or 1)
+    if nproc <= 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        return False
+    from torch.distributed.run import main as torchrun
+
+    torchrun(["--nnodes", os.environ.get("PET_NNODES", "1"),
+              "--node-rank", os.environ.get("PET_NODE_RANK", "0"),
+              "--nproc-per-node", str(nproc),
+              "--master-addr", os.environ.get("PET_MASTER_ADDR", _env("MASTER_ADDR")),
+              "--master-port", os.environ.get("PET_MASTER_PORT", _env("MASTER_PORT")),
+              "-m", "codistill_trainer.worker"])
+    return True
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def main() -> None:
+    if _hand_over_to_torchrun():
+        return
+    group, rank = int(_env(layout.ENV_GROUP)), int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s g{group} r{rank} %(levelname)s %(name)s: %(message)s")
+    bucket = Bucket(_env(layout.ENV_RUN_URL))
+    doc = bucket.get_json(layout.RUN_JSON)
+    if doc is None:
+        raise SystemExit(f"codistill worker: {bucket.url}/{layout.RUN_JSON} does not exist")
+    run = spec.parse(doc, f"{bucket.url}/{layout.RUN_JSON}")
+    device = _device()
+    if world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    try:
+        Loop(Worker(run, group, rank, world, bucket, device)).run()
+        if rank == 0 and write_report(bucket, run):
+            log.info("all groups finished: report written to %s/%s", bucket.url, layout.REPORT)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
