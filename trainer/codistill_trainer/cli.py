@@ -11,7 +11,7 @@ from rich.console import Console
 from . import layout, spec
 from .storage import Bucket, StorageError
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 def _check_task(run: spec.Codistillation) -> None:
