@@ -18,8 +18,8 @@ def _check_task(run: spec.Codistillation) -> None:
     """Fail before any process starts when the task does not import or its data is missing."""
     from .tasks import resolve
 
-    task = resolve(run.spec.task.name, run.spec.task.args)
     try:
+        task = resolve(run.spec.task.name, run.spec.task.args)
         task.eval_data(run.spec.training.batch_size, 1)
     except FileNotFoundError as e:
         raise spec.SpecError(f"spec.task: {e}") from None

@@ -90,12 +90,11 @@ def operator_env(job: dict[str, Any], rtype: str, index: int, port: int) -> dict
     }
 
 
-def replicas(job: dict[str, Any], environ: dict[str, str], logs: Path) -> list[Replica]:
-    """Every pod of one PyTorchJob, ready to start."""
+def replicas(job: dict[str, Any], environ: dict[str, str], logs: Path, threads: int) -> list[Replica]:
+    """Every pod of one PyTorchJob, ready to start; `threads` per process, so that all
+    processes of all groups together use the machine's cores without oversubscribing them."""
     port, found = _free_port(), []
     specs = job["spec"]["pytorchReplicaSpecs"]
-    nodes = sum(s["replicas"] for s in specs.values())
-    threads = max(1, (os.cpu_count() or 1) // (nodes * int(job["spec"].get("nprocPerNode", "1"))))
     for rtype in ("Master", "Worker"):
         spec = specs.get(rtype)
         for i in range(spec["replicas"] if spec else 0):
@@ -198,7 +197,9 @@ def run_local(run: Codistillation, cwd: Path, fresh: bool, console: Console) -> 
     bucket = Bucket(local_run_url(run, cwd), run.spec.storage.endpoint)
     prepare(run, bucket, fresh)
     logs = cwd / ".codistill" / "logs" / f"{run.metadata.namespace}-{run.metadata.name}"
-    reps = [r for job in render_jobs(run, bucket.url) for r in replicas(job, dict(os.environ), logs)]
+    threads = max(1, (os.cpu_count() or 1) // (run.spec.groups * run.spec.world_size))
+    reps = [r for job in render_jobs(run, bucket.url)
+            for r in replicas(job, dict(os.environ), logs, threads)]
     console.print(f"[bold]{run.metadata.name}[/]: {run.spec.groups} group(s) x "
                   f"{run.spec.world_size} process(es), run folder {bucket.url}, logs {logs}")
     try:

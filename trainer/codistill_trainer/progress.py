@@ -28,13 +28,16 @@ class Progress:
         self._sums: dict[str, float] = {}
         self._count = 0
         self._examples = 0
+        self._staleness: int | None = None  # max over the interval of the teachers used
         self._since = time.monotonic()
         self.rate = 0.0
         self.last: dict[str, float | None] = {}
 
-    def add(self, step: int, examples: int, **losses: float | None) -> None:
-        """Accumulate one step's (group-averaged) losses."""
+    def add(self, step: int, examples: int, staleness: int | None, **losses: float | None) -> None:
+        """Accumulate one step's (group-averaged) losses and the staleness of its teachers."""
         self.step, self._count, self._examples = step, self._count + 1, self._examples + examples
+        if staleness is not None:
+            self._staleness = max(staleness, self._staleness or staleness)
         for key, value in losses.items():
             if value is not None:
                 self._sums[key] = self._sums.get(key, 0.0) + value
@@ -47,10 +50,12 @@ class Progress:
         self.rate = self._examples / elapsed
         self.last = {k: v / self._count for k, v in self._sums.items()}
         self.last.setdefault("distillLoss", None)
-        self.history.append({"step": self.step, **self.last})
+        self.history.append(
+            {"step": self.step, "time": time.time(), **self.last, "staleness": self._staleness}
+        )
         if len(self.history) > MAX_HISTORY:  # keep the ends, thin the middle
             self.history = self.history[:1] + self.history[1:-1:2] + self.history[-1:]
-        self._sums, self._count, self._examples = {}, 0, 0
+        self._sums, self._count, self._examples, self._staleness = {}, 0, 0, None
         self._since = time.monotonic()
 
     def record_eval(self, step: int, loss: float, accuracy: float) -> None:

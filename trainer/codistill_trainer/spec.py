@@ -97,6 +97,11 @@ class Distillation(_Model):
         description="Skip a teacher older than this many steps behind the student; must be at "
         "least exchangeEverySteps + reloadEverySteps.",
     )
+    poll_interval_seconds: float = Field(
+        1.0, ge=0.05, le=3600,
+        description="How often each group checks the bucket for its peers' newest weights "
+        "(in the background; it only bounds how soon a new publish can be swapped in).",
+    )
     teachers: int | Literal["all"] = Field(
         "all",
         description="`all` peers, or a number k: distill from a random sample of k peers per step.",

@@ -10,10 +10,12 @@ import json
 import logging
 import os
 import time
+import uuid
 from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from . import layout
 
@@ -79,10 +81,16 @@ class Bucket:
         return f"{self.root}/{rel}" if rel else self.root
 
     def put(self, rel: str, data: bytes) -> None:
+        """Write a whole object; readers see the old or the new bytes, never a mix."""
         def write() -> None:
-            parent = self.path(rel).rsplit("/", 1)[0]
-            self.fs.makedirs(parent, exist_ok=True)
-            self.fs.pipe_file(self.path(rel), data)
+            path = self.path(rel)
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            if not isinstance(self.fs, LocalFileSystem):
+                self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+                return
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # a local file is atomic only by rename
+            self.fs.pipe_file(tmp, data)
+            os.replace(tmp, path)
 
         retry(f"write {self.url}/{rel}", write)
 

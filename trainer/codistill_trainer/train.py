@@ -131,6 +131,8 @@ class Loop:
             w.group, self.spec.groups, w.rank, w.world, self.spec.training.data_sharding
         )
         self.data = self.task.train_data(shard, shards)
+        log.info("group %d rank %d of %d: shard %d of %d shards, starting at step %d",
+                 w.group, w.rank, w.world, shard, shards, self.start)
         batches = self.task.eval_data(self.spec.training.batch_size, self.spec.training.eval_batches)
         self.eval_batches = batches[w.rank :: w.world]
         self.teachers = self._teachers()
@@ -149,7 +151,9 @@ class Loop:
         peers = [g for g in range(self.spec.groups) if g != self.w.group]
         if not peers:
             return None
-        poller = PeerPoller(self.w.bucket, peers).start()
+        poller = PeerPoller(
+            self.w.bucket, peers, self.spec.distillation.poll_interval_seconds
+        ).start()
         return Teachers(self.task, poller, self.spec.distillation.max_staleness_steps)
 
     def step(self, step: int) -> None:
@@ -158,9 +162,11 @@ class Loop:
         out = self.task.forward(self.ddp, batch)
         task_loss = self.task.loss(out, batch)
         teacher_logits: list[torch.Tensor] = []
+        peers: list[int] = []
         if self.teachers and step >= d.burn_in_steps:
             peers = sample(self.teachers.usable(step), d.teachers, t.seed, step)
             teacher_logits = self.teachers.logits(batch, peers)
+        stale = max((step - self.teachers.steps[p] for p in peers), default=None)
         loss, term = codistill_loss(
             task_loss, self.task.logits(out), teacher_logits, step=step,
             burn_in_steps=d.burn_in_steps, weight=d.weight, temperature=d.temperature, kind=d.loss,
@@ -178,8 +184,8 @@ class Loop:
             nn.utils.clip_grad_norm_(self.model.parameters(), t.optimizer.grad_clip)
         self.opt.step()
         self.sched.step()
-        self.progress.add(step + 1, t.batch_size * self.w.world, loss=total, taskLoss=task_mean,
-                          distillLoss=term_mean if used else None)
+        self.progress.add(step + 1, t.batch_size * self.w.world, staleness=stale, loss=total,
+                          taskLoss=task_mean, distillLoss=term_mean if used else None)
 
     def after_step(self, done: int) -> None:
         """Periodic work at the boundary after `done` steps; collectives run on every rank."""

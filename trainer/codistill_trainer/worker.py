@@ -7,6 +7,7 @@ torchrun, which reads the PET_* variables the Training Operator injects.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -56,6 +57,7 @@ def _device() -> torch.device:
 
 
 def main() -> None:
+    faulthandler.enable()  # a native crash still leaves every thread's Python stack in the log
     if _hand_over_to_torchrun():
         return
     group, rank = int(_env(layout.ENV_GROUP)), int(os.environ.get("RANK", "0"))

@@ -28,7 +28,7 @@ def resolve(name: str, args: dict[str, Any]) -> Task:
     try:
         inspect.signature(factory).bind(**args)
     except TypeError as e:
-        raise SpecError(f"spec.task.args: {name} does not accept these arguments: {e}") from None
+        raise SpecError(f"spec.task.args: do not fit the arguments of {name}: {e}") from None
     except ValueError:  # no introspectable signature (some builtins): let the call decide
         pass
     task = factory(**args)

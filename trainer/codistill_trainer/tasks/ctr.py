@@ -126,7 +126,7 @@ class ClickThrough(Task):
         datasets.require(self.folder, datasets.ADULT)  # fails now, not in a pod
 
     @cached_property
-    def _splits(self) -> tuple[Table, Table, list[int]]:
+    def splits(self) -> tuple[Table, Table, list[int]]:
         """(train, eval, cardinalities), numerics standardized by the train split's statistics."""
         table, cardinalities = load(self.folder)
         n = len(table.labels)
@@ -138,17 +138,17 @@ class ClickThrough(Task):
         return train, test, cardinalities
 
     def model(self) -> nn.Module:
-        cardinalities = self._splits[2]
+        cardinalities = self.splits[2]
         return TabularMLP(cardinalities, len(NUMERIC), self.embed, self.hidden, self.layers)
 
     def train_data(self, shard: int, num_shards: int) -> TrainData:
-        train = self._splits[0]
+        train = self.splits[0]
         lo, hi = shards.bounds(len(train.labels), shard, num_shards)
         return RowShard(train.take(slice(lo, hi)), shard)
 
     def eval_data(self, batch_size: int, batches: int) -> list[Batch]:
         """The first batch_size * batches held-out rows (all of them at most), in a fixed order."""
-        test = self._splits[1].take(slice(0, batch_size * batches))
+        test = self.splits[1].take(slice(0, batch_size * batches))
         count = len(test.labels)
         return [test.take(slice(i, i + batch_size)).batch() for i in range(0, count, batch_size)]
 
