@@ -113,3 +113,22 @@ def test_several_processes_per_pod_go_through_torchrun(tmp_path):
     log = (tmp_path / ".codistill" / "logs" / "default-n" / "n-g0-master-0.log").read_text()
     assert "g0 r0" in log and "g0 r1" in log and "of 2 shards" in log
     assert read_json(tmp_path / "runs/default/n/groups/0/progress.json")["state"] == "finished"
+
+
+def test_run_against_s3_bucket(tmp_path, s3):
+    """The workers reach moto's S3 server through the env contract (endpoint, credentials)."""
+    path = manifest(tmp_path, name="s", workersPerGroup=1,
+                    training={"steps": 60, "batchSize": 8, "evalEverySteps": 30,
+                              "evalBatches": 2, "checkpointEverySteps": 30},
+                    storage={"url": "s3://codistill-test/runs", "endpoint": s3})
+    res = codistill("run", str(path), cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    url = "s3://codistill-test/runs/default/s"
+    status = codistill("status", url, cwd=tmp_path)
+    assert status.returncode == 0 and status.stdout.count("finished") == 2, status.stdout
+    from codistill_trainer.storage import Bucket
+
+    bucket = Bucket(url)
+    assert bucket.get_json("report/report.json")["churn"]["pairs"]
+    assert bucket.get_json("groups/0/teacher/LATEST.json")["step"] == 60
+    assert not (tmp_path / "runs").exists()  # nothing went to the local default

@@ -126,9 +126,12 @@ class Bucket:
 
     def ensure(self) -> None:
         """Create the bucket/folder if missing; fail with a clear error if it is unreachable."""
+        local = isinstance(self.fs, LocalFileSystem)
+        top = self.root if local else self.root.split("/")[0]  # an object store's bucket
+
         def make() -> None:
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.ls(self.root)
+            self.fs.makedirs(self.root, exist_ok=True)  # s3fs creates a missing bucket here
+            self.fs.ls(top)
 
         try:
             retry(f"open {self.url}", make, attempts=2)
