@@ -11,10 +11,10 @@ import copy
 from typing import Any
 
 from . import layout
+from .kubeflow import CONTAINER
 from .spec import Codistillation
 
 KUBEFLOW_API = "kubeflow.org/v1"
-CONTAINER = "pytorch"  # the Training Operator only injects its env into this container
 MASTER_PORT = 23456
 WORKER_COMMAND = ["python", "-m", "codistill_trainer.worker"]
 

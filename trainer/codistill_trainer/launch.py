@@ -2,8 +2,7 @@
 
 It renders the very PyTorchJobs the operator would create, and starts each replica's `pytorch`
 container command as a local process with the environment the Kubeflow Training Operator injects
-(MASTER_ADDR/PORT, WORLD_SIZE, RANK, PET_*) plus the container's own env, secrets resolved from
-the caller's environment. A local folder is the bucket unless `storage.url` names one.
+(see kubeflow.py) plus the container's own env, secrets resolved from the caller's environment. A local folder is the bucket unless `storage.url` names one.
 A crashed worker or Ctrl-C stops every process, with a clear message and a non-zero exit.
 """
 
@@ -21,8 +20,8 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from . import layout, view
-from .jobs import CONTAINER, render_jobs
+from . import kubeflow, layout, view
+from .jobs import render_jobs
 from .spec import Codistillation, SpecError
 from .storage import Bucket
 
@@ -59,54 +58,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def container_env(container: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
-    """The container's env; `secretKeyRef`s resolve to the caller's variables of the same key."""
-    env = {}
-    for var in container.get("env", []):
-        if "value" in var:
-            env[var["name"]] = str(var["value"])
-            continue
-        ref = var.get("valueFrom", {}).get("secretKeyRef", {})
-        key = ref.get("key", var["name"])
+def local_secret(environ: dict[str, str]) -> kubeflow.SecretLookup:
+    """Locally, a secret's key is read from the caller's environment variable of that name."""
+    def lookup(name: str, key: str) -> str:
         if key not in environ:
-            raise SpecError(f"spec.storage.credentialsSecret: secret key {key} must be set in "
-                            f"the environment for a local run")
-        env[var["name"]] = environ[key]
-    return env
+            raise SpecError(f"spec.storage.credentialsSecret: key {key} of secret {name} must be "
+                            f"set as an environment variable for a local run")
+        return environ[key]
 
-
-def operator_env(job: dict[str, Any], rtype: str, index: int, port: int) -> dict[str, str]:
-    """What the Training Operator (v1.9, with a Master) injects into a replica's container."""
-    specs = job["spec"]["pytorchReplicaSpecs"]
-    nodes = sum(s["replicas"] for s in specs.values())
-    nproc = int(job["spec"].get("nprocPerNode", "1"))
-    rank = 0 if rtype == "Master" else index + 1
-    return {
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-        "WORLD_SIZE": str(nodes * nproc), "RANK": str(rank),
-        "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port),
-        "PET_NNODES": str(nodes), "PET_NODE_RANK": str(rank),
-        "PET_NPROC_PER_NODE": str(nproc), "PYTHONUNBUFFERED": "1",
-    }
+    return lookup
 
 
 def replicas(job: dict[str, Any], environ: dict[str, str], logs: Path, threads: int) -> list[Replica]:
     """Every pod of one PyTorchJob, ready to start; `threads` per process, so that all
     processes of all groups together use the machine's cores without oversubscribing them."""
-    port, found = _free_port(), []
-    specs = job["spec"]["pytorchReplicaSpecs"]
-    for rtype in ("Master", "Worker"):
-        spec = specs.get(rtype)
-        for i in range(spec["replicas"] if spec else 0):
-            pod = spec["template"]["spec"]
-            container = next(c for c in pod["containers"] if c["name"] == CONTAINER)
-            command = list(container["command"]) + list(container.get("args", []))
-            if command[0] == "python":  # the image's python is this interpreter locally
-                command[0] = sys.executable
-            env = {**environ, "OMP_NUM_THREADS": str(threads),
-                   **container_env(container, environ), **operator_env(job, rtype, i, port)}
-            name = f"{job['metadata']['name']}-{rtype.lower()}-{i}"
-            found.append(Replica(job["metadata"]["name"], name, command, env, logs / f"{name}.log"))
+    found = []
+    for pod in kubeflow.pods(job, local_secret(environ), "127.0.0.1", _free_port()):
+        env = {**environ, "OMP_NUM_THREADS": str(threads), **pod.env}
+        found.append(Replica(pod.job, pod.name, pod.command, env, logs / f"{pod.name}.log"))
     return found
 
 
