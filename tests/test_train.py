@@ -66,3 +66,19 @@ def test_resume_continues_exactly(tmp_path):
     resumed.run()
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
+    import pytest
+
+    from codistill_trainer.train import NonFiniteLoss
+
+    trainer = loop(tmp_path, run_spec(tmp_path, steps=10))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real_loss = trainer.task.loss
+    trainer.task.loss = lambda out, batch: real_loss(out, batch) * float("nan")
+    with pytest.raises(NonFiniteLoss, match="step 0: loss is nan"):
+        trainer.run()
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert trainer.w.bucket.get_json("groups/0/progress.json")["state"] == "failed"

@@ -91,8 +91,11 @@ def _all_reduce(values: list[int], op: dist.ReduceOp) -> list[int]:
 class Teachers:
     """The peer models this group distills from, in eval mode and never trained."""
 
-    def __init__(self, task: Task, poller: PeerPoller, max_staleness: int):
+    def __init__(
+        self, task: Task, poller: PeerPoller, max_staleness: int, device: torch.device | None = None
+    ):
         self.task, self.poller, self.max_staleness = task, poller, max_staleness
+        self.device = device or torch.device("cpu")
         self.peers = sorted(poller.channels)
         self.models: dict[int, nn.Module] = {}
         self.steps: dict[int, int] = {}
@@ -115,7 +118,7 @@ class Teachers:
                 self._load(peer, step, loaded[peer])
 
     def _load(self, peer: int, step: int, weights: dict[str, torch.Tensor]) -> None:
-        model = self.models.get(peer) or self.task.model()
+        model = self.models[peer] if peer in self.models else self.task.model().to(self.device)
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:  # same on every rank: the blob is identical everywhere

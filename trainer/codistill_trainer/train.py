@@ -154,7 +154,7 @@ class Loop:
         poller = PeerPoller(
             self.w.bucket, peers, self.spec.distillation.poll_interval_seconds
         ).start()
-        return Teachers(self.task, poller, self.spec.distillation.max_staleness_steps)
+        return Teachers(self.task, poller, self.spec.distillation.max_staleness_steps, self.w.device)
 
     def step(self, step: int) -> None:
         d, t = self.spec.distillation, self.spec.training
@@ -242,9 +242,15 @@ class Loop:
         if self.teachers and self.start:
             self.teachers.refresh()
         self.model.train()
-        for step in range(self.start, self.spec.training.steps):
-            self.step(step)
-            self.after_step(step + 1)
+        try:
+            for step in range(self.start, self.spec.training.steps):
+                self.step(step)
+                self.after_step(step + 1)
+        except Exception:
+            self.progress.state = "failed"  # say so where status and the operator look
+            self.report_progress()
+            self.uploader.close(timeout=30)
+            raise
         self.finish()
 
     def finish(self) -> None:
