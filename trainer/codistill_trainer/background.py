@@ -36,10 +36,13 @@ class Uploader:
             return self._cv.wait_for(lambda: not self._pending and not self._busy, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
+        """Run what is pending, then end the thread. Joining matters: a thread still freeing
+        tensors while the interpreter shuts down aborts the whole process."""
         done = self.flush(timeout)
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+        self._thread.join(timeout)
         return done
 
     def _run(self) -> None:
@@ -58,6 +61,7 @@ class Uploader:
                 log.warning("background %s failed: %s", name, e)
                 self.errors[name] = f"{type(e).__name__}: {e}"
             finally:
+                del job  # free what it holds (weights) now, on this thread, under the GIL
                 with self._cv:
                     self._busy = False
                     self._cv.notify_all()

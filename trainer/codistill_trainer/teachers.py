@@ -44,8 +44,8 @@ class PeerPoller:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        if self._thread.is_alive():  # joined, so it frees no tensors during interpreter shutdown
+            self._thread.join(timeout=60)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -251,13 +251,14 @@ class Loop:
             self.report_progress()
             self.uploader.close(timeout=30)
             raise
+        finally:
+            if self.teachers:
+                self.teachers.poller.stop()
         self.finish()
 
     def finish(self) -> None:
         """Publish the final teacher and state, mark the group finished, maybe write the report."""
         steps = self.spec.training.steps
-        if self.teachers:
-            self.teachers.poller.stop()
         if self.w.rank == 0:
             if self.submitted != steps:  # groups: 1 publishes only its final model (for the report)
                 self.publish(steps)
