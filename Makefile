@@ -26,3 +26,11 @@ test: install
 
 clean:
 	rm -rf $(VENV) runs .codistill
+
+# manifests/: the CRD from the run spec (codistill_operator.crd), copied into the chart's crds/, and
+# the namespace, RBAC and operator Deployment rendered from charts/codistill with default values.
+# tests/test_chart.py fails when they drift.
+.PHONY: manifests
+manifests: install
+	$(PY) -m codistill_operator.crd > manifests/crd.yaml
+	$(PY) tests/helm.py manifests

@@ -1,0 +1,82 @@
+"""The PyTorchJobs a run should have, and the steps that make the cluster hold exactly those.
+
+Pure functions over plain dicts. Each job carries the hash of its rendering, so a job that no
+longer matches the spec (changed while the operator was down, or half-way through an update) is
+found and patched rather than silently left stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, NamedTuple
+
+from codistill_trainer.jobs import render_jobs
+from codistill_trainer.spec import Codistillation
+
+from .names import API_GROUP, API_VERSION, KIND, SPEC_HASH
+
+
+class Plan(NamedTuple):
+    create: list[dict[str, Any]]
+    update: list[tuple[str, list[dict[str, Any]]]]  # job name, JSON patch
+    delete: list[str]
+
+
+def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
+    """Controller reference: deleting the run deletes its jobs (Kubernetes' garbage collector).
+
+    No blockOwnerDeletion: that would need update on codistillations/finalizers, which the
+    operator's RBAC does not grant.
+    """
+    meta = run["metadata"]
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+    }
+
+
+def spec_hash(job: dict[str, Any]) -> str:
+    essence = {"labels": job["metadata"].get("labels"), "spec": job["spec"]}
+    return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def desired(run: Codistillation, body: dict[str, Any], run_url: str) -> list[dict[str, Any]]:
+    """`render_jobs` (shared with the local launcher) plus ownership and the rendering's hash."""
+    jobs = render_jobs(run, run_url)
+    for job in jobs:
+        meta = job["metadata"]
+        meta["ownerReferences"] = [owner_reference(body)]
+        meta["annotations"] = {SPEC_HASH: spec_hash(job)}
+    return jobs
+
+
+def patch_ops(want: dict[str, Any], have: dict[str, Any]) -> list[dict[str, Any]]:
+    """A JSON patch replacing the spec and our labels; other annotations are kept."""
+    annotations = {**(have["metadata"].get("annotations") or {}), **want["metadata"]["annotations"]}
+    return [
+        {"op": "replace", "path": "/spec", "value": want["spec"]},
+        {"op": "add", "path": "/metadata/labels", "value": want["metadata"]["labels"]},
+        {"op": "add", "path": "/metadata/annotations", "value": annotations},
+    ]
+
+
+def plan(want: list[dict[str, Any]], have: list[dict[str, Any]]) -> Plan:
+    """Create the missing, patch the stale, delete the ones no group needs."""
+    existing = {job["metadata"]["name"]: job for job in have}
+    wanted = {job["metadata"]["name"] for job in want}
+    create, update = [], []
+    for job in want:
+        old = existing.get(job["metadata"]["name"])
+        if old is None:
+            create.append(job)
+        elif (old["metadata"].get("annotations") or {}).get(SPEC_HASH) != spec_hash(job):
+            update.append((job["metadata"]["name"], patch_ops(job, old)))
+    return Plan(create, update, sorted(set(existing) - wanted))
+
+
+def suspended(job: dict[str, Any]) -> bool:
+    return bool((job.get("spec") or {}).get("runPolicy", {}).get("suspend"))

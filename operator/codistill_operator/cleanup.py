@@ -1,0 +1,47 @@
+"""`storage.onDelete: Delete`: remove the run folder before the resource goes.
+
+Jobs go first (their pods must not write into a folder being removed), then the folder. A bucket
+that stays unreachable must not hold the resource forever: after `delete_attempts` tries the
+operator posts a Warning naming the folder and lets the resource go.
+"""
+
+from __future__ import annotations
+
+from codistill_trainer.storage import StorageError
+from kubernetes.client.exceptions import ApiException
+
+from . import folder
+from .reconcile import Retry
+from .state import State
+from .status import current, post
+from .validate import MissingSecret
+
+
+def remove_folder(state: State, namespace: str, name: str, attempt: int) -> str:
+    """One try (kopf counts them in `attempt`, from 0); returns the outcome or raises Retry."""
+    api, body = state.api, state.api.get_run(namespace, name)
+    if body is None:
+        return "gone"
+    meta = body["metadata"]
+    last = attempt + 1 >= state.config.delete_attempts
+    for job in api.list_jobs(meta["namespace"], body):
+        if not job["metadata"].get("deletionTimestamp"):
+            api.delete_job(meta["namespace"], job["metadata"]["name"])
+    remaining = api.list_jobs(meta["namespace"], body)  # foreground: gone once their pods are
+    if remaining and not last:
+        raise Retry(f"waiting for {len(remaining)} PyTorchJobs to go before removing the folder")
+    status = current(body)
+    try:
+        bucket = folder.applied_folder(api, meta["namespace"], status)
+        if bucket is None:
+            return "nothing"
+        bucket.rm("")
+    except (StorageError, MissingSecret, ApiException) as e:
+        if not last:
+            raise Retry(f"run folder {status.bucket} not removed yet: {e}") from None
+        post(state, body, "Warning", "RunFolderKept",
+             f"could not remove {status.bucket} after {attempt + 1} attempts ({e}); "
+             "releasing the resource: remove the folder by hand")
+        return "released"
+    post(state, body, "Normal", "RunFolderDeleted", f"removed {status.bucket}")
+    return "deleted"

@@ -1,0 +1,133 @@
+"""kopf wiring: which events call what. Thin on purpose; the work is in reconcile, status, cleanup.
+
+`kopf run -m codistill_operator.handlers` loads this module; `python -m codistill_operator` too.
+No kopf timers or daemons: those would put a finalizer on every run. The status loop is one
+operator-wide task instead, and the PyTorchJobs are only watched (kopf writes nothing on them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+from codistill_trainer import layout
+
+from . import cleanup, metrics, reconcile, status
+from .names import API_GROUP, API_VERSION, COMPONENT, FINALIZER, KIND, PLURAL
+from .state import Config, State
+
+log = logging.getLogger(__name__)
+RUNS = (API_GROUP, API_VERSION, PLURAL)
+JOBS = ("kubeflow.org", "v1", "pytorchjobs")
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = memo.get("config") or Config.from_env()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    settings.posting.reporting_component = COMPONENT
+    settings.posting.level = logging.WARNING  # our own events say what happened
+    settings.scanning.disabled = not config.scanning
+    memo.state = State(config)
+    memo.metrics = metrics.serve(config.metrics_port) if config.metrics_port else None
+    memo.stopping = asyncio.Event()
+    memo.loop = asyncio.create_task(_status_loop(memo.state, memo.stopping))
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    memo.stopping.set()
+    await memo.loop  # lets a refresh in flight finish: its thread cannot be cancelled
+    if memo.metrics is not None:
+        await asyncio.to_thread(memo.metrics.shutdown)
+        memo.metrics.server_close()
+
+
+async def _status_loop(state: State, stopping: asyncio.Event) -> None:
+    """Every `status_interval`: re-observe every run (progress files change without events)."""
+    while not stopping.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stopping.wait(), state.config.status_interval)
+        for (namespace, name), phase in list(state.runs.items()):
+            if phase != "Invalid" and not stopping.is_set():  # invalid: no jobs to observe
+                await asyncio.to_thread(_refresh, state, namespace, name)
+        metrics.count_phases(list(state.runs.values()))
+
+
+def _refresh(state: State, namespace: str, name: str) -> None:
+    try:
+        metrics.measure("status", lambda: status.refresh(state, namespace, name))
+    except Exception:  # one run's trouble must not stop the others' status
+        log.exception("status of %s/%s not refreshed", namespace, name)
+
+
+def _retried(handler: str, work: Callable[[], str], delay: float) -> None:
+    """Run one reconcile; every failure is retried after `delay` (kopf's default is a minute)."""
+    try:
+        metrics.measure(handler, work)
+    except reconcile.Retry as e:
+        raise kopf.TemporaryError(str(e), delay=delay) from None
+    except Exception as e:  # the API or the bucket failed mid-way: the next pass converges
+        log.exception("%s failed", handler)
+        raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=delay) from None
+
+
+def _reconcile(state: State, namespace: str, name: str) -> None:
+    _retried("reconcile", lambda: reconcile.reconcile(state, namespace, name),
+             state.config.retry_delay)
+
+
+@kopf.on.resume(*RUNS)
+@kopf.on.create(*RUNS)
+@kopf.on.update(*RUNS, field="spec")
+def reconcile_run(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(memo.state, namespace, name)
+
+
+def _deletes_folder(spec: kopf.Spec, **_: Any) -> bool:
+    return (spec.get("storage") or {}).get("onDelete") == "Delete"
+
+
+@kopf.on.delete(*RUNS, when=_deletes_folder)
+def delete_run(namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    state: State = memo.state
+    _retried("delete", lambda: cleanup.remove_folder(state, namespace, name, retry),
+             state.config.delete_delay)
+
+
+@kopf.on.event(*RUNS)
+def track_run(type: str | None, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        memo.state.forget(namespace, name)
+    else:
+        memo.state.runs.setdefault((namespace, name), "Pending")
+
+
+@kopf.on.event(*JOBS, labels={layout.LABEL_RUN: kopf.PRESENT})
+def job_changed(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo,
+                **_: Any) -> None:
+    """A job's conditions changed: refresh its run; a job deleted by hand is recreated."""
+    refs = body.get("metadata", {}).get("ownerReferences") or []
+    owner = next((r["name"] for r in refs if r.get("kind") == KIND and r.get("controller")), None)
+    if owner is None:
+        return
+    state: State = memo.state
+    if type == "DELETED":
+        try:
+            _reconcile(state, namespace, owner)
+        except kopf.TemporaryError as e:
+            log.warning("run %s/%s not reconciled after a job deletion: %s", namespace, owner, e)
+    _refresh(state, namespace, owner)
+
+
+@kopf.on.probe(id="runs")
+def runs_probe(memo: kopf.Memo, **_: Any) -> int:
+    return len(memo.state.runs)

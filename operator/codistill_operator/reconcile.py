@@ -1,0 +1,148 @@
+"""Make the cluster and the bucket match a Codistillation: run.json, then exactly `groups` jobs.
+
+Level-based and idempotent: every call starts from the live resource and the live jobs, so a
+re-delivered event, a resumed operator or a crash half-way all end in the same place. A spec
+that cannot run, or that changes what cannot change under running jobs, is refused as a whole
+(Ready=False with the field named) and nothing is created or changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from codistill_trainer import layout
+from codistill_trainer.spec import Codistillation, SpecError
+from codistill_trainer.storage import StorageError
+
+from . import children, folder, validate
+from .aggregate import set_condition
+from .api import owner_uid
+from .runstatus import Applied, RunStatus
+from .state import State
+from .status import current, post, write
+
+UPDATED = {"Suspended": "suspended", "Resumed": "resumed", "JobsUpdated": "updated"}
+
+
+class Retry(Exception):
+    """Transient (a Secret not there yet, a bucket down, a name taken): try again later."""
+
+
+class JobConflict(Exception):
+    """A job has one of our names but another owner."""
+
+
+def verdict(state: State, body: dict[str, Any], ready: bool | None, reason: str = "",
+            message: str = "", applied: Applied | None = None, bucket: str | None = None) -> None:
+    """Record the reconciler's verdict: Ready (None: leave it) and what is now applied."""
+    generation = body["metadata"].get("generation", 1)
+
+    def change(_: dict[str, Any], status: RunStatus) -> RunStatus:
+        status = status.model_copy(deep=True)
+        status.observed_generation = generation
+        if applied is not None:
+            status.applied, status.bucket = applied, bucket
+        if status.applied is None:
+            status.phase = "Invalid" if reason == "InvalidSpec" else "Pending"
+        elif status.phase == "Invalid":
+            status.phase = "Pending"
+        if ready is not None:
+            set_condition(status, "Ready", ready, reason, message, generation)
+        return status
+
+    meta = body["metadata"]
+    write(state, meta["namespace"], meta["name"], change)
+
+
+def _message(error: SpecError, body: dict[str, Any]) -> str:
+    return str(error).removeprefix(f"{validate.source(body)}: ")
+
+
+def reconcile(state: State, namespace: str, name: str) -> str:
+    """One pass; returns the outcome (for metrics) or raises Retry."""
+    body = state.api.get_run(namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return "skipped"
+    try:
+        run = validate.check(body)
+        refused = validate.changed(_applied_fields(body), run)
+        secret = run.spec.storage.credentials_secret
+        keys = {} if refused else folder.credentials(state.api, namespace, secret)
+    except validate.MissingSecret as e:
+        verdict(state, body, False, "InvalidSpec", _message(e, body))
+        raise Retry(str(e)) from None
+    except SpecError as e:
+        verdict(state, body, False, "InvalidSpec", _message(e, body))
+        return "invalid"
+    if refused:
+        verdict(state, body, False, "ImmutableFieldChanged",
+                f"cannot change under running jobs, nothing applied: {'; '.join(refused)}; "
+                "revert these fields (or create a new Codistillation)")
+        return "refused"
+    return _apply(state, body, run, keys)
+
+
+def _applied_fields(body: dict[str, Any]) -> dict[str, Any]:
+    applied = current(body).applied
+    return applied.fields if applied else {}
+
+
+def _apply(state: State, body: dict[str, Any], run: Codistillation, keys: dict[str, str]) -> str:
+    namespace, generation = run.metadata.namespace, run.metadata.generation
+    storage = run.spec.storage
+    url = layout.run_url(storage.url, namespace, run.metadata.name)
+    try:
+        folder.write_run(folder.open_folder(url, storage.endpoint, keys), run)
+    except StorageError as e:
+        verdict(state, body, False, "StorageUnavailable", str(e))
+        raise Retry(str(e)) from None
+    applied = Applied(generation=generation, fields=validate.frozen(run))
+    verdict(state, body, None, applied=applied, bucket=url)
+    try:
+        _converge(state, body, run, url)
+    except JobConflict as e:
+        verdict(state, body, False, "JobConflict", str(e))
+        raise Retry(str(e)) from None
+    verdict(state, body, True, "Applied",
+            f"{run.spec.groups} PyTorchJobs at generation {generation}")
+    return "applied"
+
+
+def _converge(state: State, body: dict[str, Any], run: Codistillation, url: str) -> None:
+    """Exactly `groups` jobs, each matching the current rendering."""
+    api, namespace = state.api, run.metadata.namespace
+    want = children.desired(run, body, url)
+    have = api.list_jobs(namespace, body)
+    plan = children.plan(want, have)
+    created = []
+    for job in plan.create:
+        name = job["metadata"]["name"]
+        if api.create_job(namespace, job):
+            created.append(name)
+            continue
+        existing = api.get_job(namespace, name)  # created by an earlier delivery, or not ours
+        if existing is None or owner_uid(existing) != body["metadata"]["uid"]:
+            raise JobConflict(f"PyTorchJob {namespace}/{name} exists and is owned by something "
+                              "else; delete it or rename this Codistillation")
+        plan.update.extend(children.plan([job], [existing]).update)
+    for name, ops in plan.update:
+        api.patch_job(namespace, name, ops)
+    for name in plan.delete:
+        api.delete_job(namespace, name)
+    _announce(state, body, run, created, plan, have)
+
+
+def _announce(state: State, body: dict[str, Any], run: Codistillation, created: list[str],
+              plan: children.Plan, have: list[dict[str, Any]]) -> None:
+    if created:
+        post(state, body, "Normal", "JobsCreated", f"created PyTorchJobs {', '.join(created)}")
+    if plan.update:
+        suspend = run.spec.run_policy.suspend
+        before = {j["metadata"]["name"]: children.suspended(j) for j in have}
+        flipped = any(before.get(name, suspend) != suspend for name, _ in plan.update)
+        reason = ("Suspended" if suspend else "Resumed") if flipped else "JobsUpdated"
+        names = ", ".join(name for name, _ in plan.update)
+        post(state, body, "Normal", reason, f"{UPDATED[reason]} PyTorchJobs {names} to generation "
+             f"{run.metadata.generation} (running pods pick up other changes when restarted)")
+    if plan.delete:
+        post(state, body, "Normal", "JobsDeleted", f"deleted PyTorchJobs {', '.join(plan.delete)}")
