@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST ?= -q
 
-.PHONY: install data demo test clean
+.PHONY: install data demo test e2e clean
 
 $(STAMP): pyproject.toml requirements/all.lock
 	python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: data
 
 test: install
 	$(PY) -m pytest $(PYTEST)
+
+# The whole production path on one machine (also part of `make test`): kubectl apply -> operator
+# -> PyTorchJobs -> trainers -> bucket -> status, against kmock's API server and moto's S3 server.
+e2e: install
+	$(PY) -m pytest tests/e2e -v
 
 clean:
 	rm -rf $(VENV) runs .codistill

@@ -35,6 +35,7 @@ import jsonpatch
 import jsonpointer
 import kmock
 import pytest
+import tables
 from conftest import S3_KEY, S3_SECRET, free_port
 from kmock._internal import dicts, enums
 
@@ -79,6 +80,8 @@ class Emulator(kmock.KubernetesEmulator):
         return response
 
     def _stamp_new(self, request: kmock.Request) -> None:
+        if request.resource == SECRETS and isinstance(request.data, dict):
+            _string_data(request.data)
         meta = request.data.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + secrets.token_hex(3)
@@ -115,8 +118,24 @@ class Emulator(kmock.KubernetesEmulator):
         else:
             request.data.setdefault("metadata", {}).update(stamp)
 
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        """kmock names the core group's version "/v1"; kubectl maps kinds only with "v1"."""
+        found = await super()._serve_version(request)
+        if isinstance(found, dict) and found.get("groupVersion") == "/v1":
+            found["groupVersion"] = "v1"
+        return found
+
+    async def _serve_fetch(self, request: kmock.Request) -> Any:
+        found = await super()._serve_fetch(request)
+        if (request.resource == RUNS and isinstance(found, dict) and "metadata" in found
+                and tables.wants_table(request.headers.get("Accept", ""))):
+            return tables.table([found], tables.printer_columns())
+        return found
+
     async def _serve_list(self, request: kmock.Request) -> Any:
         found = await super()._serve_list(request)
+        if request.resource == RUNS and tables.wants_table(request.headers.get("Accept", "")):
+            return tables.table(found["items"], tables.printer_columns())
         group, version = request.resource.group, request.resource.version
         info = self.resources[request.resource] if request.resource in self.resources else None
         kind = info.kind if info and info.kind else request.resource.plural.capitalize()
@@ -147,6 +166,13 @@ class Emulator(kmock.KubernetesEmulator):
                     raw = obj.raw
                     obj.delete()
                     await self._buses[resource].put({"type": "DELETED", "object": raw})
+
+
+def _string_data(secret: dict[str, Any]) -> None:
+    """A Secret's write-only `stringData` is merged into `data` (base64), as the API server does."""
+    plain = secret.pop("stringData", None) or {}
+    data = secret.setdefault("data", {})
+    data.update({k: base64.b64encode(str(v).encode()).decode() for k, v in plain.items()})
 
 
 def _isolate(patch: Any, status_only: bool) -> None:
