@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import jsonpatch
@@ -20,7 +21,9 @@ from codistill_trainer.spec import DNS1035, SpecError, parse
 from kube import manifest
 from test_crd import as_json_schema, version_schema
 
-KUBEFLOW_CRD = "/work/shared/kubeflow/kubeflow.org_pytorchjobs.yaml"
+# The project's reference folder sits beside the checkout (ARCHITECTURE.md), in CI too.
+KUBEFLOW_CRD = str(Path(__file__).resolve().parents[2] / "shared" / "kubeflow"
+                   / "kubeflow.org_pytorchjobs.yaml")
 URL = "s3://bucket/runs/default/demo"
 BODY_META = {"uid": "1234-abcd", "generation": 1}
 
