@@ -20,6 +20,7 @@ import pytest
 import yaml
 from helm import CHART, CRD_NAME, MANIFESTS, NAMESPACE, ROOT, Helm, HelmUnavailable, Rendered
 from helm import ensure_helm, expected_manifests, set_json
+from test_crd import as_json_schema
 
 from codistill_trainer import layout, spec
 
@@ -281,24 +282,6 @@ def test_manifests_are_the_chart_rendered(helm: Helm) -> None:
         assert path.is_file() and path.read_text() == text, (
             f"{path.relative_to(ROOT)} drifted from the chart: run `make manifests`")
     assert sorted(p.name for p in (CHART / "crds").iterdir()) == [CRD_NAME]
-
-
-def as_json_schema(node: Any) -> Any:
-    """A CRD's OpenAPI v3.0 schema as draft-4 JSON Schema, as strict as `kubectl apply`.
-
-    `nullable` becomes a null type; objects with known properties refuse unknown fields (the API
-    server's strict field validation) unless marked to preserve them.
-    """
-    if isinstance(node, list):
-        return [as_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: as_json_schema(v) for k, v in node.items() if k != "nullable"}
-    if node.get("nullable") and "type" in node:
-        out["type"] = [node["type"], "null"]
-    if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-        out.setdefault("additionalProperties", False)
-    return out
 
 
 def crd_validator() -> jsonschema.Draft4Validator:
