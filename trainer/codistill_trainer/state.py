@@ -20,14 +20,14 @@ from .exchange import Channel, CorruptCheckpoint, state_from_bytes
 log = logging.getLogger(__name__)
 
 
-def _cpu(obj: Any) -> Any:
+def cpu_copy(obj: Any) -> Any:
     """A deep copy with every tensor on the CPU, detached from the live training state."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
+        return {k: cpu_copy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
+        return type(obj)(cpu_copy(v) for v in obj)
     return copy.deepcopy(obj)
 
 
@@ -52,8 +52,8 @@ def snapshot(
     """A copy of the state, taken at a step boundary; serialising it can then run elsewhere."""
     return {
         "step": step,
-        "model": _cpu(model.state_dict()),
-        "optimizer": _cpu(optimizer.state_dict()),
+        "model": cpu_copy(model.state_dict()),
+        "optimizer": cpu_copy(optimizer.state_dict()),
         "scheduler": scheduler.state_dict(),
         "rng": rng,
         "history": copy.deepcopy(history),

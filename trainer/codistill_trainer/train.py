@@ -207,7 +207,7 @@ class Loop:
         if self.w.rank != 0:
             return
         self.submitted = done
-        weights = state._cpu(self.model.state_dict())
+        weights = state.cpu_copy(self.model.state_dict())
 
         def job() -> None:
             self.publisher.publish(done, weights_to_bytes(weights, done))
