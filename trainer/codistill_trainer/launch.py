@@ -158,7 +158,7 @@ def supervise(reps: list[Replica], bucket: Bucket, run: Codistillation, console:
             if time.monotonic() - last > 15:
                 console.print(table())
                 last = time.monotonic()
-    console.print(table())
+        console.print(table())  # a terminal keeps Live's last frame; a log needs the final one
 
 
 def run_local(run: Codistillation, cwd: Path, fresh: bool, console: Console) -> Bucket:
