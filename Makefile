@@ -39,3 +39,15 @@ clean:
 manifests: install
 	$(PY) -m codistill_operator.crd > manifests/crd.yaml
 	$(PY) tests/helm.py manifests
+
+# Benchmarks (bench/, BENCHMARKS.md): the paper's claims and the system's costs, each writing
+# bench/results/<name>.json and .png. `bench` takes about an hour on 2 cores; `bench-quick` is a
+# reduced version (under 15 minutes) writing to bench/results/quick/. They print figures and assert
+# nothing.
+BENCHES := steps_to_target churn overhead exchange_io operator_load
+.PHONY: bench bench-quick
+bench: data
+	set -e; for b in $(BENCHES); do $(PY) -m bench.$$b; done
+
+bench-quick: data
+	set -e; for b in $(BENCHES); do $(PY) -m bench.$$b --quick --out bench/results/quick; done

@@ -1,0 +1,155 @@
+"""The real trainer, several groups in one process, stepped in lockstep: cheap and deterministic.
+
+Sections 1-2 need dozens of runs, so instead of `codistill run` (a process per worker) each run
+builds one `Loop(Worker(run, g, 0, 1, bucket, cpu))` per group over one local-folder bucket and
+interleaves their steps: `loop.step(s)` for every group, then `loop.after_step(s + 1)`. That is
+the trainer's own step, distillation, publishing, polling and teacher swapping, with world size 1
+(a group of one process computes exactly what DDP computes for the same total batch, so
+"synchronous SGD at 2x batch" is `groups: 1` with `batchSize` doubled).
+
+Teacher staleness is made deterministic: the pollers' background loops are parked (a long
+`pollIntervalSeconds`), and right before every reload boundary the bench waits for the groups'
+uploads and polls once itself. At a reload at step t a group therefore swaps in what its peers
+published at the previous exchange boundary; with exchangeEverySteps = reloadEverySteps = K the
+teacher is between K and 2K-1 steps stale, as in a real run whose poll finds a publish late.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+
+from codistill_trainer import report, spec, train
+from codistill_trainer.storage import Bucket
+from codistill_trainer.tasks import resolve
+from codistill_trainer.tasks.base import Batch, Task
+
+CPU = torch.device("cpu")
+PARKED = 3600.0  # pollIntervalSeconds: the pollers' own loops never poll again after starting
+
+
+def manifest(name: str, spec_doc: dict[str, Any]) -> spec.Codistillation:
+    """A validated run from a spec mapping, through the same parser `codistill run` uses."""
+    doc = {"apiVersion": f"{spec.API_GROUP}/{spec.API_VERSION}", "kind": spec.KIND,
+           "metadata": {"name": name}, "spec": spec_doc}
+    return spec.parse(doc, f"bench run {name}")
+
+
+@cache
+def task_of(name: str, args_key: tuple[tuple[str, Any], ...]) -> Task:
+    """One Task per (name, args) in this process: every Loop would otherwise re-read and
+    re-encode the same data (about 2 s for `ctr`). Tasks are read-only once loaded."""
+    return resolve(name, dict(args_key))
+
+
+def shared_task(name: str, args: dict[str, Any]) -> Task:
+    return task_of(name, tuple(sorted(args.items())))
+
+
+@contextmanager
+def loops(run: spec.Codistillation, bucket: Bucket) -> Iterator[list[train.Loop]]:
+    """One Loop per group over `bucket`, stopped (threads joined) on exit."""
+    with mock.patch.object(train, "resolve", shared_task):
+        built = [train.Loop(train.Worker(run, g, 0, 1, bucket, CPU))
+                 for g in range(run.spec.groups)]
+    try:
+        yield built
+    finally:
+        for loop in built:
+            if loop.teachers:
+                loop.teachers.poller.stop()
+            loop.uploader.close()
+
+
+def boundary(group_loops: Sequence[train.Loop], done: int) -> None:
+    """Periodic work after `done` steps; first, at a reload boundary, make every publish so far
+    visible to every poller so that what each group swaps in does not depend on thread timing."""
+    reload = group_loops[0].spec.distillation.reload_every_steps
+    if len(group_loops) > 1 and done % reload == 0:
+        for loop in group_loops:
+            loop.uploader.flush()
+        for loop in group_loops:
+            loop.teachers.poller.poll_once()
+    for loop in group_loops:
+        loop.after_step(done)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run to train: its spec and how to evaluate it (on a fixed eval set)."""
+
+    name: str
+    spec: dict[str, Any]
+    eval_every: int
+    eval_size: tuple[int, int]  # (batch size, batches): the same set for every run of a task
+    predictions: bool = False  # also return each group's class probabilities on the eval set
+
+
+@dataclass
+class Outcome:
+    job: Job
+    curves: dict[int, list[tuple[int, float]]]  # group -> (step, eval loss)
+    accuracy: dict[int, float]  # group -> final eval accuracy
+    probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def eval_set(job: Job) -> list[Batch]:
+    t = job.spec["task"]
+    return shared_task(t["name"], t.get("args", {})).eval_data(*job.eval_size)
+
+
+def run(job: Job, make_bucket: Callable[[str], Bucket] = Bucket) -> Outcome:
+    """Train `job` in this process on a fresh local folder as the bucket (`make_bucket(url)`,
+    e.g. a Bucket that counts bytes); eval every `eval_every` steps."""
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    the_run = manifest(job.name, job.spec)
+    batches = eval_set(job)
+    curves: dict[int, list[tuple[int, float]]] = {g: [] for g in range(the_run.spec.groups)}
+    accuracy: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="codistill-bench-") as folder:
+        with loops(the_run, make_bucket(Path(folder).as_uri())) as group_loops:
+
+            def record(done: int) -> None:
+                for g, loop in enumerate(group_loops):
+                    loss, accuracy[g] = train.evaluate(loop.task, loop.model, batches, CPU)
+                    curves[g].append((done, loss))
+
+            record(0)
+            for step in range(the_run.spec.training.steps):
+                for loop in group_loops:
+                    loop.step(step)
+                boundary(group_loops, step + 1)
+                if (step + 1) % job.eval_every == 0 or step + 1 == the_run.spec.training.steps:
+                    record(step + 1)
+            probs = {}
+            if job.predictions:
+                probs = {g: report.predict(loop.task, loop.model, batches)[1]
+                         for g, loop in enumerate(group_loops)}
+    return Outcome(job, curves, dict(accuracy), probs, time.perf_counter() - started)
+
+
+def run_all(jobs: Sequence[Job], workers: int) -> list[Outcome]:
+    """Run independent jobs, `workers` processes at a time (1 thread each); results in order."""
+    if workers <= 1:
+        return [_announce(run(job)) for job in jobs]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return [_announce(o) for o in pool.map(run, jobs)]
+
+
+def _announce(outcome: Outcome) -> Outcome:
+    final = {g: round(c[-1][1], 4) for g, c in outcome.curves.items()}
+    print(f"  {outcome.job.name}: final eval loss {final} ({outcome.seconds:.0f} s)", flush=True)
+    return outcome
