@@ -125,8 +125,9 @@ def state_channel(bucket: Bucket, group: int) -> Channel:
 
 
 def weights_to_bytes(state_dict: dict[str, torch.Tensor], step: int) -> bytes:
-    """Safetensors bytes of a model's weights (tied tensors are stored as separate copies)."""
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}
+    """Safetensors bytes of a model's weights. Tensors must not share memory (tied weights): the
+    trainer passes `state.cpu_copy(...)`, which already gave each its own CPU copy."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     return st_save(tensors, metadata={"step": str(step)})
 
 

@@ -37,7 +37,6 @@ class RunFailed(RuntimeError):
 class Replica:
     """One pod of a PyTorchJob, as a local process."""
 
-    job: str
     name: str
     command: list[str]
     env: dict[str, str]
@@ -75,7 +74,7 @@ def replicas(job: dict[str, Any], environ: dict[str, str], logs: Path, threads: 
     found = []
     for pod in kubeflow.pods(job, local_secret(environ), "127.0.0.1", _free_port()):
         env = {**environ, "OMP_NUM_THREADS": str(threads), **pod.env}
-        found.append(Replica(pod.job, pod.name, pod.command, env, logs / f"{pod.name}.log"))
+        found.append(Replica(pod.name, pod.command, env, logs / f"{pod.name}.log"))
     return found
 
 
