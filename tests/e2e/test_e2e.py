@@ -182,7 +182,9 @@ def test_killed_master_restarts_and_resumes(world: World, tmp_path: Path):
              "group 0 saved state at step 100", timeout=240)
     job = next(j for j in world.training.jobs.values() if j.name == "kill-g0")
     other = next(j for j in world.training.jobs.values() if j.name == "kill-g1")
-    other_before = store.get_json("groups/1/progress.json")["step"]
+    # group 1 may start later than group 0: wait until it has reported at all
+    other_before = wait_for(lambda: store.get_json("groups/1/progress.json"),
+                            "group 1 progress", timeout=120)["step"]
     saved = store.get_json(state)["step"]
     os.kill(job.procs[0].pid, signal.SIGKILL)  # the Master
     wait_for(lambda: job.restarts == 1, "the Training Operator restarted the group", timeout=60)
