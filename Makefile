@@ -38,7 +38,7 @@ clean:
 .PHONY: manifests
 manifests: install
 	$(PY) -m codistill_operator.crd > manifests/crd.yaml
-	$(PY) tests/helm.py manifests
+	$(PY) -m tests.support.helm manifests
 
 # Benchmarks (bench/, BENCHMARKS.md): the paper's claims and the system's costs, each writing
 # bench/results/<name>.json and .png. `bench` takes about an hour on 2 cores; `bench-quick` is a

@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,9 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from codistill.net import free_port
+from codistill.storage import Bucket
 from matplotlib.figure import Figure
-
-from codistill_trainer.storage import Bucket
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -102,12 +101,6 @@ class Bench:
         fig.savefig(out / f"{self.name}.png", dpi=90)
         print(f"wrote {path} and {self.name}.png ({full['provenance']['wall_s']} s)")
         return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

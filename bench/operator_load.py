@@ -35,16 +35,15 @@ from typing import Any
 
 import attrs
 import kmock
+from codistill import names
+from codistill.net import free_port
+from codistill.storage import Bucket
+from codistill_operator.settings import Config
 from matplotlib.figure import Figure
 
 from bench import common
-from codistill_operator.state import Config
-from codistill_trainer import layout
-from codistill_trainer.storage import Bucket
-
-sys.path.insert(0, str(common.ROOT / "tests"))  # the API emulator the operator's tests use
-import kube  # noqa: E402
-from kube import JOBS, RUNS, SECRETS, Cluster, wait_for  # noqa: E402
+from tests.support import kube  # the API emulator the operator's tests use
+from tests.support.kube import JOBS, RUNS, SECRETS, Cluster, wait_for
 
 SCHEMA: common.Schema = {"create_to_jobs_p50_s": {}, "create_to_jobs_p99_s": {}, "rss_mb": {},
                          "status_lag_p50_s": {}}
@@ -129,7 +128,7 @@ def rss_mb(pid: int) -> float:
 
 
 def start_operator(cluster: Cluster, log: Path) -> subprocess.Popen[bytes]:
-    liveness = common.free_port()
+    liveness = free_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "codistill_operator", "--all-namespaces", "--liveness-port",
@@ -169,7 +168,7 @@ def create_to_jobs(cluster: Cluster, endpoint: str, runs: int) -> tuple[dict[str
     return {n: done[n] - t for n, t in created.items()}, max(done.values()) - min(created.values())
 
 
-def status_lag(cluster: Cluster, endpoint: str, names: list[str]) -> list[float]:
+def status_lag(cluster: Cluster, endpoint: str, runs: list[str]) -> list[float]:
     """Seconds from a progress.json write to the run's status showing its step."""
     step = 4242
     shown: dict[str, float] = {}
@@ -182,18 +181,18 @@ def status_lag(cluster: Cluster, endpoint: str, names: list[str]) -> list[float]
     stop = watch(cluster, Cluster.path(RUNS, "default"), on_run)
     written = {}
     try:
-        for name in names:
+        for name in runs:
             bucket = Bucket(f"s3://{common.BUCKET}/runs/default/{name}", endpoint,
                             common.CREDENTIALS)
-            bucket.put_json(layout.progress_file(0), {"group": 0, "step": step, "steps": 1000,
+            bucket.put_json(names.progress_file(0), {"group": 0, "step": step, "steps": 1000,
                                                       "state": "training", "loss": 1.0,
                                                       "time": time.time()})
             written[name] = time.monotonic()
-            time.sleep(STATUS_INTERVAL / len(names))
-        wait_for(lambda: len(shown) == len(names), "status of every rewritten run", timeout=600)
+            time.sleep(STATUS_INTERVAL / len(runs))
+        wait_for(lambda: len(shown) == len(runs), "status of every rewritten run", timeout=600)
     finally:
         stop()
-    return [shown[n] - written[n] for n in names]
+    return [shown[n] - written[n] for n in runs]
 
 
 def secret() -> dict[str, Any]:

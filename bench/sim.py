@@ -1,7 +1,7 @@
 """The real trainer, several groups in one process, stepped in lockstep: cheap and deterministic.
 
 Sections 1-2 need dozens of runs, so instead of `codistill run` (a process per worker) each run
-builds one `Loop(Worker(run, g, 0, 1, bucket, cpu))` per group over one local-folder bucket and
+builds one `Loop(Member(run, g, 0, 1, bucket, cpu))` per group over one local-folder bucket and
 interleaves their steps: `loop.step(s)` for every group, then `loop.after_step(s + 1)`. That is
 the trainer's own step, distillation, publishing, polling and teacher swapping, with world size 1
 (a group of one process computes exactly what DDP computes for the same total batch, so
@@ -29,9 +29,10 @@ from typing import Any
 from unittest import mock
 
 import torch
-
-from codistill_trainer import report, spec, train
-from codistill_trainer.storage import Bucket
+from codistill import spec
+from codistill.storage import Bucket
+from codistill_trainer import loop as train
+from codistill_trainer import report
 from codistill_trainer.tasks import resolve
 from codistill_trainer.tasks.base import Batch, Task
 
@@ -61,7 +62,7 @@ def shared_task(name: str, args: dict[str, Any]) -> Task:
 def loops(run: spec.Codistillation, bucket: Bucket) -> Iterator[list[train.Loop]]:
     """One Loop per group over `bucket`, stopped (threads joined) on exit."""
     with mock.patch.object(train, "resolve", shared_task):
-        built = [train.Loop(train.Worker(run, g, 0, 1, bucket, CPU))
+        built = [train.Loop(train.Member(run, g, 0, 1, bucket, CPU))
                  for g in range(run.spec.groups)]
     try:
         yield built

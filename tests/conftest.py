@@ -1,21 +1,18 @@
-"""Shared fixtures: a real S3 server (moto's, on loopback) and a clean bucket per test."""
+"""Shared fixtures: a real S3 server (moto's, on loopback) with a clean bucket per test, and an
+API server (kmock's emulator) with the operator's kopf handlers running against it."""
 
 from __future__ import annotations
 
 import os
-import socket
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from codistill.net import free_port
 
-S3_KEY, S3_SECRET = "testing-key", "testing-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .support.kube import SECRETS, Cluster, Operator, secret
+from .support.s3 import BUCKET, S3_KEY, S3_SECRET
 
 
 @pytest.fixture(scope="session")
@@ -46,5 +43,29 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, endpoint_url=s3_server)
-    fs.mkdir("codistill-test")
+    fs.mkdir(BUCKET)
     return s3_server
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """An empty API server; kopf and the kubernetes client find it through $KUBECONFIG."""
+    import kubernetes.config.kube_config
+
+    running = Cluster(tmp_path)
+    monkeypatch.setenv("KUBECONFIG", str(running.kubeconfig))
+    # The client reads $KUBECONFIG once, when imported; kopf's login goes through that default.
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION",
+                        str(running.kubeconfig))
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def operator(cluster: Cluster, s3: str) -> Iterator[Operator]:
+    """kopf with the codistill handlers against `cluster`, the S3 credentials Secret in place."""
+    cluster.create(SECRETS, secret())
+    running = Operator()
+    yield running
+    running.stop()
+

@@ -15,7 +15,7 @@ import sys
 import kopf
 
 from . import handlers  # noqa: F401 - registers the handlers
-from .state import Config
+from .settings import Config
 
 
 @dataclasses.dataclass(frozen=True)

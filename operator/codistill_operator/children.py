@@ -11,10 +11,11 @@ import hashlib
 import json
 from typing import Any, NamedTuple
 
-from codistill_trainer.jobs import render_jobs
-from codistill_trainer.spec import Codistillation
+from codistill.names import API_GROUP, API_VERSION, KIND
+from codistill.pytorchjob import render_jobs
+from codistill.spec import Codistillation
 
-from .names import API_GROUP, API_VERSION, KIND, SPEC_HASH
+from .names import SPEC_HASH
 
 
 class Plan(NamedTuple):

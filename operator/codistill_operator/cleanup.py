@@ -7,14 +7,13 @@ operator posts a Warning naming the folder and lets the resource go.
 
 from __future__ import annotations
 
-from codistill_trainer.storage import StorageError
+from codistill.storage import StorageError
 from kubernetes.client.exceptions import ApiException
 
-from . import folder
-from .reconcile import Retry
-from .state import State
-from .status import current, post
-from .validate import MissingSecret
+from . import bucket
+from .errors import MissingSecret, Retry
+from .runtime import State
+from .status.write import current, post
 
 
 def remove_folder(state: State, namespace: str, name: str, attempt: int) -> str:
@@ -32,10 +31,10 @@ def remove_folder(state: State, namespace: str, name: str, attempt: int) -> str:
         raise Retry(f"waiting for {len(remaining)} PyTorchJobs to go before removing the folder")
     status = current(body)
     try:
-        bucket = folder.applied_folder(api, meta["namespace"], status)
-        if bucket is None:
+        folder = bucket.applied_folder(api, meta["namespace"], status)
+        if folder is None:
             return "nothing"
-        bucket.rm("")
+        folder.bucket.rm("")
     except (StorageError, MissingSecret, ApiException) as e:
         if not last:
             raise Retry(f"run folder {status.bucket} not removed yet: {e}") from None

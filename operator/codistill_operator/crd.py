@@ -1,7 +1,7 @@
 """The `codistillations.codistill.io` CRD, generated from the run spec's pydantic models.
 
 One source of truth: field names, types, bounds, enums, defaults and descriptions all come from
-`codistill_trainer.spec` (and the status from `runstatus`), turned into a structural
+`codistill.spec` (and the status from `status.schema`), turned into a structural
 openAPIV3Schema. The model validators that span fields become CEL rules in `RULES`, so
 `kubectl apply` refuses what `spec.parse` refuses. `python -m codistill_operator.crd` prints it;
 `manifests/crd.yaml` is that output, committed.
@@ -14,11 +14,11 @@ import sys
 from typing import Any
 
 import yaml
-from codistill_trainer.spec import DNS1035, Spec
+from codistill.names import API_GROUP, API_VERSION, KIND, PLURAL
+from codistill.spec import DNS1035, Spec
 from pydantic import BaseModel
 
-from .names import API_GROUP, API_VERSION, KIND, PLURAL
-from .runstatus import RunStatus
+from .status.schema import RunStatus
 
 # The cross-field checks of spec.py's model validators, as CEL, keyed by the object they sit on.
 RULES: dict[str, list[dict[str, str]]] = {

@@ -1,4 +1,4 @@
-"""kopf wiring: which events call what. Thin on purpose; the work is in reconcile, status, cleanup.
+"""kopf wiring: which events call what. Thin on purpose; the work is in reconcile, status/, cleanup.
 
 `kopf run -m codistill_operator.handlers` loads this module; `python -m codistill_operator` too.
 No kopf timers or daemons: those would put a finalizer on every run. The status loop is one
@@ -14,15 +14,19 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
-from codistill_trainer import layout
+from codistill import names
+from codistill.names import API_GROUP, API_VERSION, KIND, PLURAL
 
-from . import cleanup, metrics, reconcile, status
-from .names import API_GROUP, API_VERSION, COMPONENT, FINALIZER, KIND, PLURAL
-from .state import Config, State
+from . import cleanup, metrics, reconcile
+from .errors import Retry
+from .names import COMPONENT, FINALIZER
+from .runtime import State
+from .settings import Config
+from .status import write as status
 
 log = logging.getLogger(__name__)
 RUNS = (API_GROUP, API_VERSION, PLURAL)
-JOBS = ("kubeflow.org", "v1", "pytorchjobs")
+JOBS = (names.KUBEFLOW_GROUP, names.KUBEFLOW_VERSION, names.PYTORCHJOB_PLURAL)
 
 
 @kopf.on.startup()
@@ -73,7 +77,7 @@ def _retried(handler: str, work: Callable[[], str], delay: float) -> None:
     """Run one reconcile; every failure is retried after `delay` (kopf's default is a minute)."""
     try:
         metrics.measure(handler, work)
-    except reconcile.Retry as e:
+    except Retry as e:
         raise kopf.TemporaryError(str(e), delay=delay) from None
     except Exception as e:  # the API or the bucket failed mid-way: the next pass converges
         log.exception("%s failed", handler)
@@ -111,7 +115,7 @@ def track_run(type: str | None, namespace: str, name: str, memo: kopf.Memo, **_:
         memo.state.runs.setdefault((namespace, name), "Pending")
 
 
-@kopf.on.event(*JOBS, labels={layout.LABEL_RUN: kopf.PRESENT})
+@kopf.on.event(*JOBS, labels={names.LABEL_RUN: kopf.PRESENT})
 def job_changed(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo,
                 **_: Any) -> None:
     """A job's conditions changed: refresh its run; a job deleted by hand is recreated."""

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from .runstatus import Phase
+from .status.schema import Phase
 
 RECONCILES = Counter(
     "codistill_reconciles_total", "Reconciles, by handler and outcome.", ["handler", "outcome"]

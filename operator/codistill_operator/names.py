@@ -1,10 +1,7 @@
-"""Names of the operator's own API objects, defined once (the run spec owns group/version/kind)."""
+"""Names private to the operator; the shared ones (API group, labels, env) are in codistill.names."""
 
-from codistill_trainer.spec import API_GROUP, API_VERSION, KIND
+from codistill.names import API_GROUP, MANAGED_BY
 
-PLURAL = "codistillations"
-COMPONENT = "codistill-operator"  # events' source, jobs' managed-by label
+COMPONENT = MANAGED_BY  # events' source component
 FINALIZER = f"{API_GROUP}/run-folder"  # only on runs with storage.onDelete: Delete
 SPEC_HASH = f"{API_GROUP}/spec-hash"  # annotation on each job: the rendering it holds
-
-__all__ = ["API_GROUP", "API_VERSION", "KIND", "PLURAL", "COMPONENT", "FINALIZER", "SPEC_HASH"]

@@ -10,38 +10,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from codistill_trainer import layout
-from codistill_trainer.spec import Codistillation, SpecError
-from codistill_trainer.storage import StorageError
+from codistill import names
+from codistill.spec import Codistillation, SpecError
+from codistill.storage import StorageError
 
-from . import children, folder, validate
-from .aggregate import set_condition
-from .api import owner_uid
-from .runstatus import Applied, RunStatus
-from .state import State
-from .status import current, post, write
+from . import bucket, children, validate
+from .errors import JobConflict, MissingSecret, Retry
+from .k8s import owner_uid
+from .runtime import State
+from .status.observe import set_condition
+from .status.schema import Applied, RunStatus
+from .status.write import current, post, write
 
 UPDATED = {"Suspended": "suspended", "Resumed": "resumed", "JobsUpdated": "updated"}
 
 
-class Retry(Exception):
-    """Transient (a Secret not there yet, a bucket down, a name taken): try again later."""
-
-
-class JobConflict(Exception):
-    """A job has one of our names but another owner."""
-
-
-def verdict(state: State, body: dict[str, Any], ready: bool | None, reason: str = "",
-            message: str = "", applied: Applied | None = None, bucket: str | None = None) -> None:
-    """Record the reconciler's verdict: Ready (None: leave it) and what is now applied."""
+def record(state: State, body: dict[str, Any], ready: bool | None, reason: str = "",
+           message: str = "", applied: Applied | None = None, url: str | None = None) -> None:
+    """Record the reconcile's outcome: Ready (None: leave it) and what is now applied."""
     generation = body["metadata"].get("generation", 1)
 
     def change(_: dict[str, Any], status: RunStatus) -> RunStatus:
         status = status.model_copy(deep=True)
         status.observed_generation = generation
         if applied is not None:
-            status.applied, status.bucket = applied, bucket
+            status.applied, status.bucket = applied, url
         if status.applied is None:
             status.phase = "Invalid" if reason == "InvalidSpec" else "Pending"
         elif status.phase == "Invalid":
@@ -67,15 +60,15 @@ def reconcile(state: State, namespace: str, name: str) -> str:
         run = validate.check(body)
         refused = validate.changed(_applied_fields(body), run)
         secret = run.spec.storage.credentials_secret
-        keys = {} if refused else folder.credentials(state.api, namespace, secret)
-    except validate.MissingSecret as e:
-        verdict(state, body, False, "InvalidSpec", _message(e, body))
+        keys = {} if refused else bucket.credentials(state.api, namespace, secret)
+    except MissingSecret as e:
+        record(state, body, False, "InvalidSpec", _message(e, body))
         raise Retry(str(e)) from None
     except SpecError as e:
-        verdict(state, body, False, "InvalidSpec", _message(e, body))
+        record(state, body, False, "InvalidSpec", _message(e, body))
         return "invalid"
     if refused:
-        verdict(state, body, False, "ImmutableFieldChanged",
+        record(state, body, False, "ImmutableFieldChanged",
                 f"cannot change under running jobs, nothing applied: {'; '.join(refused)}; "
                 "revert these fields (or create a new Codistillation)")
         return "refused"
@@ -90,20 +83,24 @@ def _applied_fields(body: dict[str, Any]) -> dict[str, Any]:
 def _apply(state: State, body: dict[str, Any], run: Codistillation, keys: dict[str, str]) -> str:
     namespace, generation = run.metadata.namespace, run.metadata.generation
     storage = run.spec.storage
-    url = layout.run_url(storage.url, namespace, run.metadata.name)
+    url = names.run_url(storage.url, namespace, run.metadata.name)
     try:
-        folder.write_run(folder.open_folder(url, storage.endpoint, keys), run)
+        bucket.write_run(bucket.open_folder(url, storage.endpoint, keys), run)
     except StorageError as e:
-        verdict(state, body, False, "StorageUnavailable", str(e))
+        record(state, body, False, "StorageUnavailable", str(e))
         raise Retry(str(e)) from None
-    applied = Applied(generation=generation, fields=validate.frozen(run))
-    verdict(state, body, None, applied=applied, bucket=url)
+    d = run.spec.distillation
+    applied = Applied(generation=generation, fields=validate.frozen(run),
+                      burn_in_steps=d.burn_in_steps, max_staleness_steps=d.max_staleness_steps)
+    # Recorded before the jobs change, on purpose: an operator that dies half-way then still
+    # knows what the jobs hold, and refuses an immutable change made in the meantime.
+    record(state, body, None, applied=applied, url=url)
     try:
         _converge(state, body, run, url)
     except JobConflict as e:
-        verdict(state, body, False, "JobConflict", str(e))
+        record(state, body, False, "JobConflict", str(e))
         raise Retry(str(e)) from None
-    verdict(state, body, True, "Applied",
+    record(state, body, True, "Applied",
             f"{run.spec.groups} PyTorchJobs at generation {generation}")
     return "applied"
 

@@ -9,11 +9,12 @@ import re
 from typing import Any
 
 import fsspec
-from codistill_trainer import layout
-from codistill_trainer.spec import Codistillation, SpecError, describe, parse
+from codistill import names
+from codistill.names import KIND
+from codistill.spec import Codistillation, SpecError, describe, parse
 from pydantic import ValidationError
 
-from .names import KIND
+from .errors import MissingSecret
 
 LOCAL_ONLY = {"file", "local", "memory"}  # no two pods share these
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -24,10 +25,6 @@ IMMUTABLE = (
     "groups", "workersPerGroup", "nprocPerWorker", "task",
     "storage.url", "storage.endpoint", "storage.credentialsSecret", "training.dataSharding",
 )
-
-
-class MissingSecret(SpecError):
-    """The credentials Secret is missing or incomplete: the user may still create it."""
 
 
 def source(body: dict[str, Any]) -> str:
@@ -94,10 +91,10 @@ def credentials(name: str | None, data: dict[str, str] | None, namespace: str) -
     field = "spec.storage.credentialsSecret"
     if data is None:
         raise MissingSecret(f"{field}: Secret {namespace}/{name} not found")
-    missing = [k for k in layout.CREDENTIAL_KEYS if not data.get(k)]
+    missing = [k for k in names.CREDENTIAL_KEYS if not data.get(k)]
     if missing:
         raise MissingSecret(f"{field}: Secret {namespace}/{name} lacks {', '.join(missing)}")
-    return {k: data[k] for k in layout.CREDENTIAL_KEYS}
+    return {k: data[k] for k in names.CREDENTIAL_KEYS}
 
 
 def frozen(run: Codistillation) -> dict[str, Any]:

@@ -23,12 +23,13 @@ from typing import Any
 
 import pytest
 import yaml
+from codistill.net import free_port
 
-from conftest import S3_KEY, S3_SECRET, free_port
-from datafixtures import make_tiny_data
-from kube import JOBS, RUNS, Cluster, wait_for
-from localrun import workers_of
-from training_operator import TrainingOperator
+from tests.e2e.training_operator import TrainingOperator
+from tests.support.datafixtures import make_tiny_data
+from tests.support.kube import JOBS, RUNS, Cluster, wait_for
+from tests.support.localrun import workers_of
+from tests.support.s3 import S3_KEY, S3_SECRET
 
 pytestmark = pytest.mark.slow
 BUCKET = "codistill-e2e"
@@ -133,7 +134,7 @@ def manifest(tmp: Path, endpoint: str, name: str, on_delete: str = "Delete") -> 
 
 
 def bucket(endpoint: str, name: str):
-    from codistill_trainer.storage import Bucket
+    from codistill.storage import Bucket
 
     return Bucket(f"s3://{BUCKET}/default/{name}", endpoint,
                   {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET})

@@ -2,7 +2,7 @@
 
 It plays the real controller's part and nothing more: it watches PyTorchJobs through the
 Kubernetes API, starts each replica's `pytorch` container command as a local process with the
-environment the Training Operator injects (see codistill_trainer/kubeflow.py, which holds only the
+environment the Training Operator injects (see codistill_trainer/cli/kubeflow.py, which holds only the
 PyTorchJob contract) plus the pod template's env and `secretKeyRef` values read from the API, and
 writes the job's status conditions as the controller does: Created, Running, Restarting on a
 non-zero exit while `runPolicy.backoffLimit` allows, then Succeeded or Failed. A suspended job is
@@ -16,29 +16,23 @@ import datetime
 import logging
 import os
 import signal
-import socket
 import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codistill import names
+from codistill.net import free_port
+from codistill_trainer.cli import kubeflow
 from kubernetes import client
 
-from codistill_trainer import kubeflow
-
 log = logging.getLogger("training-operator")
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+GROUP, VERSION, PLURAL = names.KUBEFLOW_GROUP, names.KUBEFLOW_VERSION, names.PYTORCHJOB_PLURAL
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -141,7 +135,7 @@ class TrainingOperator:
 
     def _start(self, job: Job) -> None:
         pods = kubeflow.pods(job.body, lambda n, k: self._secret(job.namespace, n, k),
-                             "127.0.0.1", _free_port())
+                             "127.0.0.1", free_port())
         self.logs.mkdir(parents=True, exist_ok=True)
         base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
         for pod in pods:

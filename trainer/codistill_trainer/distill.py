@@ -4,6 +4,8 @@
     loss = task_loss                                                     before, or with no teacher
 
 With more than two models the paper averages the teachers' *predictions* (not their losses).
+Whether a step distills at all (burn-in) is the loop's decision (`loop.distills`): a step that
+does not passes no teachers here.
 """
 
 from __future__ import annotations
@@ -51,15 +53,13 @@ def codistill_loss(
     student_logits: torch.Tensor,
     teacher_logits: Sequence[torch.Tensor],
     *,
-    step: int,
-    burn_in_steps: int,
     weight: float,
     temperature: float,
     kind: str = "kl",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(total loss, distillation term or None). No teachers or still burning in: task loss only,
-    which with `groups: 1` makes the step plain data-parallel training."""
-    if step < burn_in_steps or not teacher_logits or weight == 0:
+    """(total loss, distillation term or None). No teachers: the task loss alone, which with
+    `groups: 1` makes the step plain data-parallel training."""
+    if not teacher_logits:
         return task_loss, None
     term = distill_loss(student_logits, teacher_logits, temperature, kind)
     return task_loss + weight * term, term

@@ -17,49 +17,26 @@ import hashlib
 import io
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
+from codistill import names
+from codistill.runfolder import CorruptCheckpoint, Pointer
+from codistill.storage import Bucket
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-
-from . import layout
-from .storage import Bucket
-
-
-class CorruptCheckpoint(RuntimeError):
-    """A pointer or blob that failed verification; it is never loaded."""
-
-
-@dataclass(frozen=True)
-class Pointer:
-    step: int
-    key: str
-    sha256: str
-    bytes: int
-    time: float
-
-    @classmethod
-    def parse(cls, data: Any, where: str) -> Pointer:
-        try:
-            return cls(
-                step=int(data["step"]), key=str(data["key"]), sha256=str(data["sha256"]),
-                bytes=int(data["bytes"]), time=float(data["time"]),
-            )
-        except (TypeError, KeyError, ValueError) as e:
-            raise CorruptCheckpoint(f"{where}: malformed pointer ({e!r})") from None
 
 
 class Channel:
     """One folder of immutable `<step>.<suffix>` blobs and its `LATEST.json` commit point."""
 
-    def __init__(self, bucket: Bucket, folder: str, suffix: str, keep: int = layout.KEEP_BLOBS):
+    def __init__(self, bucket: Bucket, folder: str, suffix: str, keep: int = names.KEEP_BLOBS):
         self.bucket, self.folder, self.suffix, self.keep = bucket, folder, suffix, keep
 
     @property
     def pointer_path(self) -> str:
-        return f"{self.folder}/{layout.POINTER}"
+        return f"{self.folder}/{names.POINTER}"
 
     def publish(self, step: int, data: bytes) -> Pointer:
         """Write the blob, then commit it by overwriting the pointer; prune old blobs."""
@@ -117,16 +94,16 @@ class Channel:
 
 
 def teacher_channel(bucket: Bucket, group: int) -> Channel:
-    return Channel(bucket, layout.teacher_dir(group), "safetensors")
+    return Channel(bucket, names.teacher_dir(group), "safetensors")
 
 
 def state_channel(bucket: Bucket, group: int) -> Channel:
-    return Channel(bucket, layout.state_dir(group), "pt")
+    return Channel(bucket, names.state_dir(group), "pt")
 
 
 def weights_to_bytes(state_dict: dict[str, torch.Tensor], step: int) -> bytes:
     """Safetensors bytes of a model's weights. Tensors must not share memory (tied weights): the
-    trainer passes `state.cpu_copy(...)`, which already gave each its own CPU copy."""
+    trainer passes `resume.cpu_copy(...)`, which already gave each its own CPU copy."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     return st_save(tensors, metadata={"step": str(step)})
 

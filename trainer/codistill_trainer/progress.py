@@ -1,7 +1,8 @@
-"""A group's `progress.json`: what the live display, `codistill status` and the operator read.
+"""The meter behind a group's `progress.json` (schema: `codistill.runfolder.Progress`).
 
-Rank 0 of each group keeps running averages since the last record and writes the whole file (one
-PUT, so readers never see half of it) from the background uploader.
+Rank 0 of each group keeps running averages since the last record; `snapshot()` turns them into
+the file's model, which the background uploader writes whole (one PUT, so readers never see half
+of it). The live display, `codistill status` and the operator read it back.
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ import math
 import time
 from typing import Any
 
-from . import layout
-from .storage import Bucket
+from codistill.runfolder import Progress
 
 MAX_HISTORY = 400  # points kept for the curves; older ones are thinned out
 
 
-class Progress:
-    def __init__(self, group: int, steps: int, history: list[dict[str, Any]] | None = None):
+class ProgressMeter:
+    def __init__(self, group: int, steps: int):
         self.group, self.steps = group, steps
-        self.history: list[dict[str, Any]] = list(history or [])
+        self.history: list[dict[str, Any]] = []
         self.state = "starting"
         self.step = 0
         self.resumed_from: int | None = None
@@ -62,30 +62,29 @@ class Progress:
         self.eval = {"evalLoss": loss, "evalAccuracy": accuracy}
         self.history.append({"step": step, **self.eval})
 
-    def to_json(self, teachers: dict[int, int], staleness: dict[int, int], warnings: list[str]) -> dict:
+    def snapshot(
+        self, teachers: dict[int, int], staleness: dict[int, int], warnings: list[str]
+    ) -> Progress:
+        """The file as of now; history is copied, so the uploader may write it later."""
         def clean(v: float | None) -> float | None:
             return None if v is None or not math.isfinite(v) else round(v, 6)
 
-        return {
-            "group": self.group,
-            "step": self.step,
-            "steps": self.steps,
-            "state": self.state,
-            "loss": clean(self.last.get("loss")),
-            "taskLoss": clean(self.last.get("taskLoss")),
-            "distillLoss": clean(self.last.get("distillLoss")),
-            "evalLoss": clean(self.eval.get("evalLoss")),
-            "evalAccuracy": clean(self.eval.get("evalAccuracy")),
-            "teachers": {str(p): s for p, s in teachers.items()},
-            "staleness": {str(p): s for p, s in staleness.items()},
-            "lastPublished": self.last_published,
-            "examplesPerSec": round(self.rate, 2),
-            "time": time.time(),
-            "resumedFrom": self.resumed_from,
-            "warnings": warnings,
-            "history": self.history,
-        }
-
-
-def write(bucket: Bucket, group: int, doc: dict[str, Any]) -> None:
-    bucket.put_json(layout.progress_file(group), doc)
+        return Progress(
+            group=self.group,
+            step=self.step,
+            steps=self.steps,
+            state=self.state,
+            loss=clean(self.last.get("loss")),
+            task_loss=clean(self.last.get("taskLoss")),
+            distill_loss=clean(self.last.get("distillLoss")),
+            eval_loss=clean(self.eval.get("evalLoss")),
+            eval_accuracy=clean(self.eval.get("evalAccuracy")),
+            teachers={str(p): s for p, s in teachers.items()},
+            staleness={str(p): s for p, s in staleness.items()},
+            last_published=self.last_published,
+            examples_per_sec=round(self.rate, 2),
+            time=time.time(),
+            resumed_from=self.resumed_from,
+            warnings=warnings,
+            history=[dict(h) for h in self.history],
+        )

@@ -4,7 +4,9 @@ The paper's two claims are measured here: codistilled groups reach the ensemble'
 model (compare each group's eval loss with the ensemble's), and they agree with each other far more
 than independently trained models (churn: how often and how much two groups' predictions differ).
 The maths is in small pure functions over probability tensors so it can be tested on hand-made
-numbers; `evaluate` only runs the models and feeds them in.
+numbers; `evaluate` only runs the models and feeds them in. `write_report` is the end of a run:
+written by whichever group finishes last (each group writes its `final.json` before looking, so
+at least one of them sees all), or on demand by `codistill report RUN`.
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ import itertools
 from typing import Any
 
 import torch
+from codistill import names
+from codistill.runfolder import Progress, Report, RunFolder
+from codistill.spec import Codistillation
 from matplotlib.figure import Figure
 from torch import nn
 
-from . import layout, view
-from .storage import Bucket
+from . import tables
+from .exchange import teacher_channel, weights_from_bytes
+from .tasks import resolve
 from .tasks.base import Batch, Task
 
-REPORT_JSON = f"{layout.REPORT}/report.json"
-CURVES_PNG = f"{layout.REPORT}/curves.png"
-SUMMARY_MD = f"{layout.REPORT}/summary.md"
 # Keys of a progress.json copied into report.json, as a record of how each group's training ended.
 TRAINING_KEYS = ("step", "steps", "state", "loss", "evalLoss", "evalAccuracy", "resumedFrom")
 
@@ -90,8 +93,8 @@ def predict(task: Task, model: nn.Module, batches: list[Batch]) -> tuple[float, 
 def evaluate(task: Task, models: dict[int, nn.Module], batches: list[Batch]) -> dict[str, Any]:
     """Per-group loss and accuracy, the ensemble and pairwise churn on the same eval batches.
 
-    The result is plain JSON (lists, not int-keyed maps) so that `report.json` read back is the
-    same thing `view.report_table` renders. With one group, `ensemble` and `churn` are None.
+    The result is plain JSON (lists, not int-keyed maps) in the shape of `runfolder.Report`, so
+    `report.json` read back renders the same. With one group, `ensemble` and `churn` are None.
     """
     if not models or not batches:
         raise ValueError("evaluate: need at least one model and one eval batch")
@@ -114,7 +117,7 @@ def evaluate(task: Task, models: dict[int, nn.Module], batches: list[Batch]) -> 
     return result
 
 
-def curves(result: dict[str, Any], progress: dict[int, dict | None]) -> bytes:
+def curves(result: Report, progress: dict[int, Progress | None]) -> bytes:
     """PNG of train and eval loss against step per group, with the ensemble's final eval loss.
 
     Uses a bare `Figure` (Agg canvas, no pyplot): no global state and no display needed.
@@ -122,15 +125,15 @@ def curves(result: dict[str, Any], progress: dict[int, dict | None]) -> bytes:
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     train_ax, eval_ax = fig.subplots(1, 2, sharey=True)
     for g in sorted(progress):
-        history = (progress[g] or {}).get("history") or []
+        history = progress[g].history if progress[g] else []
         train = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
         evals = [(h["step"], h["evalLoss"]) for h in history if h.get("evalLoss") is not None]
         if train:
             train_ax.plot(*zip(*train), label=f"group {g}", color=f"C{g % 10}")
         if evals:
             eval_ax.plot(*zip(*evals), marker="o", label=f"group {g}", color=f"C{g % 10}")
-    if result.get("ensemble"):
-        eval_ax.axhline(result["ensemble"]["loss"], color="black", linestyle="--",
+    if result.ensemble:
+        eval_ax.axhline(result.ensemble.loss, color="black", linestyle="--",
                         label="ensemble (final)")
     for ax, title in ((train_ax, "train loss"), (eval_ax, "eval loss")):
         ax.set_title(title)
@@ -143,19 +146,46 @@ def curves(result: dict[str, Any], progress: dict[int, dict | None]) -> bytes:
     return buf.getvalue()
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: Report) -> str:
     """The report table (the same rows as the terminal's) as a markdown table."""
-    lines = [view.REPORT_HEADER, ["---"] * len(view.REPORT_HEADER), *view.report_rows(result)]
+    lines = [tables.REPORT_HEADER, ["---"] * len(tables.REPORT_HEADER), *tables.report_rows(result)]
     table = "\n".join("| " + " | ".join(row) + " |" for row in lines)
-    return f"# Codistillation report\n\nEval set: {result['examples']} examples.\n\n{table}\n"
+    return f"# Codistillation report\n\nEval set: {result.examples} examples.\n\n{table}\n"
 
 
-def write(bucket: Bucket, result: dict[str, Any], progress: dict[int, dict | None]) -> None:
+def write(folder: RunFolder, result: dict[str, Any], progress: dict[int, Progress | None]) -> None:
     """Write report.json, curves.png and summary.md under `report/` in the run folder."""
     training = [
-        {"group": g, **{k: (progress[g] or {}).get(k) for k in TRAINING_KEYS}}
+        {"group": g, **{k: v for k, v in (progress[g] or Progress()).dump().items()
+                        if k in TRAINING_KEYS}}
         for g in sorted(progress)
     ]
-    bucket.put_json(REPORT_JSON, {**result, "training": training})
-    bucket.put(CURVES_PNG, curves(result, progress))
-    bucket.put(SUMMARY_MD, markdown(result).encode())
+    report = Report.model_validate({**result, "training": training})
+    folder.write_report(report, curves(report, progress), markdown(report))
+
+
+def final_models(folder: RunFolder, run: Codistillation, task: Task) -> dict[int, nn.Module] | None:
+    """Each group's final published model (verified), or None while a group is unfinished."""
+    models = {}
+    for g in range(run.spec.groups):
+        final = folder.final(g)
+        pointer = final.pointer(folder.where(names.final_file(g))) if final else None
+        if pointer is None:
+            return None
+        weights = weights_from_bytes(teacher_channel(folder.bucket, g).fetch(pointer), pointer.key)
+        model = task.model()
+        model.load_state_dict(weights)
+        models[g] = model.eval()
+    return models
+
+
+def write_report(folder: RunFolder, run: Codistillation) -> bool:
+    """Write `report/` if every group has finished; False if some group has not."""
+    task = resolve(run.spec.task.name, run.spec.task.args)
+    models = final_models(folder, run, task)
+    if models is None:
+        return False
+    t = run.spec.training
+    result = evaluate(task, models, task.eval_data(t.batch_size, t.eval_batches))
+    write(folder, result, tables.load_progress(folder, run.spec.groups))
+    return True

@@ -14,12 +14,12 @@ import threading
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
+from codistill.storage import Bucket, StorageError
 from torch import nn
 
+from . import dist
 from .exchange import CorruptCheckpoint, teacher_channel, weights_from_bytes
 from .shards import generator
-from .storage import Bucket, StorageError
 from .tasks.base import Batch, Task
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,6 @@ class PeerPoller:
             return self._versions[peer].get(step)
 
 
-def _all_reduce(values: list[int], op: dist.ReduceOp) -> list[int]:
-    """Reduce across the group's ranks (no-op in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
 class Teachers:
     """The peer models this group distills from, in eval mode and never trained."""
 
@@ -104,7 +95,7 @@ class Teachers:
     def refresh(self) -> None:
         """Swap in newer peer versions, on every rank together (a collective: call on all ranks)."""
         newest = self.poller.newest()
-        agreed = _all_reduce([newest[p] for p in self.peers], dist.ReduceOp.MIN)
+        agreed = dist.min_int([newest[p] for p in self.peers])
         loaded: dict[int, dict[str, torch.Tensor]] = {}
         for peer, step in zip(self.peers, agreed):
             if step != NONE and step > self.steps.get(peer, NONE):
@@ -112,7 +103,7 @@ class Teachers:
                 if weights is not None:
                     loaded[peer] = weights
         # Swap only what every rank holds, so the ranks of a group never disagree.
-        have = _all_reduce([int(p in loaded) for p in self.peers], dist.ReduceOp.MIN)
+        have = dist.min_int([int(p in loaded) for p in self.peers])
         for peer, ok, step in zip(self.peers, have, agreed):
             if ok:
                 self._load(peer, step, loaded[peer])

@@ -1,7 +1,7 @@
 """Entry point of every trainer container: `python -m codistill_trainer.worker`.
 
-Reads who it is from the env contract (ARCHITECTURE.md) and what to do from `run.json` in the run
-folder, joins its group's DDP world and trains. With `nprocPerWorker` > 1 the pod hands over to
+Reads who it is from the env contract (docs/architecture.md) and what to do from `run.json` in the
+run folder, joins its group's DDP world and trains. With `nprocPerWorker` > 1 the pod hands over to
 torchrun, which reads the PET_* variables the Training Operator injects.
 """
 
@@ -15,11 +15,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from codistill import names
+from codistill.runfolder import RunFolder
+from codistill.storage import Bucket
 
-from . import layout, spec
-from .conclude import write_report
-from .storage import Bucket
-from .train import Loop, Worker
+from .loop import Loop, Member
+from .report import write_report
 
 log = logging.getLogger("codistill.worker")
 
@@ -60,23 +61,22 @@ def main() -> None:
     faulthandler.enable()  # a native crash still leaves every thread's Python stack in the log
     if _hand_over_to_torchrun():
         return
-    group, rank = int(_env(layout.ENV_GROUP)), int(os.environ.get("RANK", "0"))
+    group, rank = int(_env(names.ENV_GROUP)), int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s g{group} r{rank} %(levelname)s %(name)s: %(message)s")
-    bucket = Bucket(_env(layout.ENV_RUN_URL))
-    doc = bucket.get_json(layout.RUN_JSON)
-    if doc is None:
-        raise SystemExit(f"codistill worker: {bucket.url}/{layout.RUN_JSON} does not exist")
-    run = spec.parse(doc, f"{bucket.url}/{layout.RUN_JSON}")
+    folder = RunFolder(Bucket(_env(names.ENV_RUN_URL)))
+    run = folder.read_run()
+    if run is None:
+        raise SystemExit(f"codistill worker: {folder.where(names.RUN_JSON)} does not exist")
     device = _device()
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
     try:
-        Loop(Worker(run, group, rank, world, bucket, device)).run()
-        if rank == 0 and write_report(bucket, run):
-            log.info("all groups finished: report written to %s/%s", bucket.url, layout.REPORT)
+        Loop(Member(run, group, rank, world, folder.bucket, device)).run()
+        if rank == 0 and write_report(folder, run):
+            log.info("all groups finished: report written to %s", folder.where(names.REPORT))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -11,7 +11,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from codistill_trainer.spec import SpecError
+from codistill.spec import SpecError
+
 from codistill_trainer.tasks.base import Batch, Task, TrainData
 
 BUILTINS = {

@@ -1,0 +1,58 @@
+"""The run folder in the bucket, as the operator uses it: run.json in, progress.json out.
+
+Credentials come only from the run's Secret (never from the spec, never logged). Every bucket call
+is tried once (`attempts=1`): the operator retries whole reconciles later, and one unreachable
+bucket must cost seconds, not the minute nested retries add up to, or it would stall the status
+of every other run. Nothing read from the bucket is unpickled: its files are parsed JSON
+(`codistill.runfolder`).
+"""
+
+from __future__ import annotations
+
+from codistill.runfolder import Progress, RunFolder
+from codistill.spec import Codistillation, SpecError
+from codistill.storage import Bucket
+
+from . import validate
+from .k8s import Api
+from .status.schema import RunStatus
+
+TIMEOUT_S = 10.0  # per S3 request: a hung bucket must not hold a status sweep
+
+
+def credentials(api: Api, namespace: str, secret: str | None) -> dict[str, str]:
+    """The keys in the run's Secret ({} without one); MissingSecret when missing or incomplete."""
+    data = api.read_secret(namespace, secret) if secret else None
+    return validate.credentials(secret, data, namespace)
+
+
+def open_folder(url: str, endpoint: str | None, keys: dict[str, str]) -> RunFolder:
+    return RunFolder(Bucket(url, endpoint, keys or None, attempts=1, timeout=TIMEOUT_S))
+
+
+def applied_folder(api: Api, namespace: str, status: RunStatus) -> RunFolder | None:
+    """The folder the applied generation uses (None before one was applied)."""
+    if status.applied is None or not status.bucket:
+        return None
+    fields = status.applied.fields
+    keys = credentials(api, namespace, fields.get("storage.credentialsSecret"))
+    return open_folder(status.bucket, fields.get("storage.endpoint"), keys)
+
+
+def write_run(folder: RunFolder, run: Codistillation) -> bool:
+    """Create the bucket if missing and write run.json once per generation; True if written."""
+    folder.bucket.ensure()
+    try:
+        current = folder.read_run()
+    except SpecError:  # unreadable: replaced by the spec in force
+        current = None
+    if current is not None and current.metadata.generation == run.metadata.generation:
+        return False
+    folder.write_run(run)
+    return True
+
+
+def read_progress(folder: RunFolder, groups: int) -> dict[int, Progress]:
+    """Each group's progress that exists (StorageError when the bucket cannot be read)."""
+    found = {g: folder.progress(g) for g in range(groups)}
+    return {g: p for g, p in found.items() if p is not None}

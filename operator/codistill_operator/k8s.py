@@ -1,0 +1,142 @@
+"""The few Kubernetes calls the operator makes, over the official (synchronous) client.
+
+Exactly the verbs the chart's RBAC grants: codistillations get/patch (+ status), pytorchjobs
+get/list/create/patch/delete, secrets get, events create. kopf runs sync handlers in worker
+threads, and the status loop calls in via `asyncio.to_thread`, so blocking calls are fine here.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+import socket
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import kubernetes
+from codistill import names
+from codistill.names import API_GROUP, API_VERSION, KIND, PLURAL
+from kubernetes.client.exceptions import ApiException
+
+from .names import COMPONENT
+
+KUBEFLOW = (names.KUBEFLOW_GROUP, names.KUBEFLOW_VERSION, names.PYTORCHJOB_PLURAL)
+JSON_PATCH = "application/json-patch+json"
+T = TypeVar("T")
+
+
+def or_none(call: Callable[[], T]) -> T | None:
+    """The call's result, or None when the API answers 404 (the object does not exist)."""
+    try:
+        return call()
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def connect() -> kubernetes.client.ApiClient:
+    """In a pod: the service account; elsewhere: $KUBECONFIG (read now, not at import time)."""
+    config = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=config)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG"), client_configuration=config
+        )
+    return kubernetes.client.ApiClient(config)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Api:
+    def __init__(self, client: kubernetes.client.ApiClient):
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.instance = socket.gethostname()
+
+    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return or_none(lambda: self.custom.get_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, PLURAL, name
+        ))
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": patch}
+        )
+
+    def list_jobs(self, namespace: str, run: dict[str, Any]) -> list[dict[str, Any]]:
+        """The PyTorchJobs this run owns (by ownerReference uid, not only by label)."""
+        name, uid = run["metadata"]["name"], run["metadata"].get("uid")
+        found = self.custom.list_namespaced_custom_object(
+            *KUBEFLOW[:2], namespace, KUBEFLOW[2], label_selector=f"{names.LABEL_RUN}={name}"
+        )
+        return [job for job in found.get("items", []) if owner_uid(job) == uid]
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return or_none(lambda: self.custom.get_namespaced_custom_object(
+            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name
+        ))
+
+    def create_job(self, namespace: str, job: dict[str, Any]) -> bool:
+        """Create; False when a job of that name already exists (a re-delivered event)."""
+        try:
+            self.custom.create_namespaced_custom_object(*KUBEFLOW[:2], namespace, KUBEFLOW[2], job)
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+
+    def patch_job(self, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name, ops, _content_type=JSON_PATCH
+        )
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Foreground: the job stays until its pods are gone, so callers can wait on it."""
+        or_none(lambda: self.custom.delete_namespaced_custom_object(
+            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name, propagation_policy="Foreground"
+        ))
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The Secret's data, decoded; None when it does not exist. Never logged."""
+        secret = or_none(lambda: self.core.read_namespaced_secret(name, namespace))
+        if secret is None:
+            return None
+        data = secret.data or {}
+        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+    def post_event(self, run: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the run, shown by `kubectl describe`."""
+        meta, stamp = run["metadata"], now()
+        self.core.create_namespaced_event(meta["namespace"], {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": COMPONENT},
+            "reportingComponent": f"{API_GROUP}/operator",
+            "reportingInstance": self.instance,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        })
+
+
+def owner_uid(obj: dict[str, Any]) -> str | None:
+    """The uid of the controller that owns `obj`, if any."""
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return next((r.get("uid") for r in refs if r.get("controller")), None)

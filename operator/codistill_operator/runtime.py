@@ -1,0 +1,37 @@
+"""The little the operator keeps in memory (everything else is re-observed from the cluster)."""
+
+from __future__ import annotations
+
+import threading
+
+from .k8s import Api, connect
+from .settings import Config
+
+
+class State:
+    """Per operator run: the API client, the runs seen, their phases, one lock per run."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.runs: dict[tuple[str, str], str] = {}  # (namespace, name) -> last known phase
+        self._api: Api | None = None
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    @property
+    def api(self) -> Api:
+        """Connected on first use, after kopf has logged in (its login reads the same config)."""
+        with self._guard:
+            if self._api is None:
+                self._api = Api(connect())
+            return self._api
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        """Serialises status writes of one run (reconciler, job events and the status loop)."""
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self.runs.pop((namespace, name), None)
+            self._locks.pop((namespace, name), None)

@@ -1,0 +1,102 @@
+"""Writing a run's status: one writer per run at a time, only what changed, events on transitions.
+
+The reconciler (Ready, applied generation), PyTorchJob events and the periodic loop all go
+through `write`, which re-reads the resource under the run's lock, so none of them overwrites
+another's news and each transition is announced once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from codistill import names
+from codistill.storage import StorageError
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from .. import bucket
+from ..errors import MissingSecret
+from ..runtime import State
+from . import observe
+from .schema import RunStatus
+
+log = logging.getLogger(__name__)
+Change = Callable[[dict[str, Any], RunStatus], RunStatus | None]
+
+
+def current(body: dict[str, Any]) -> RunStatus:
+    try:
+        return RunStatus.model_validate(body.get("status") or {})
+    except ValidationError:  # edited by hand: start over, the next refresh fills it in
+        return RunStatus()
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch from `old` to `new` at the top level (None removes a key)."""
+    return {k: new.get(k) for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+
+
+def write(state: State, namespace: str, name: str, change: Change) -> RunStatus | None:
+    """Apply `change(resource, status)` to the live status; None if the run is gone."""
+    with state.lock(namespace, name):
+        body = state.api.get_run(namespace, name)
+        if body is None:
+            return None
+        old = current(body)
+        new = change(body, old)
+        if new is None:
+            return old
+        patch = _diff(body.get("status") or {}, new.dump())
+        if patch:
+            state.api.patch_status(namespace, name, patch)
+        for event in observe.transitions(old, new):
+            post(state, body, *event)
+        state.runs[(namespace, name)] = new.phase
+        return new
+
+
+def post(state: State, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    """Post an event; a failure to do so is logged, never fatal to the reconcile."""
+    try:
+        state.api.post_event(body, kind, reason, message)
+    except ApiException as e:
+        log.warning("event %s on %s not posted: %s", reason, body["metadata"]["name"], e.reason)
+
+
+def _observe(state: State, body: dict[str, Any], old: RunStatus) -> RunStatus | None:
+    """Look at the run's jobs and progress files; the rules in force come from status.applied
+    (the operator wrote them there), so nothing it wrote itself is read back from the bucket."""
+    applied = old.applied
+    if applied is None:
+        return None  # nothing applied yet: no jobs to look at
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    groups = int(applied.fields.get("groups", 0))
+    jobs = {}
+    for job in state.api.list_jobs(namespace, body):
+        label = job["metadata"].get("labels", {}).get(names.LABEL_GROUP, "")
+        if label.isdigit():
+            jobs[int(label)] = job
+    progress = None
+    try:
+        folder = bucket.applied_folder(state.api, namespace, old)
+        if folder is not None:
+            progress = bucket.read_progress(folder, groups)
+    except (StorageError, MissingSecret) as e:
+        log.warning("progress of %s/%s not read: %s", namespace, name, e)
+    seen = observe.Observed(
+        name=name, generation=body["metadata"].get("generation", 1), groups=groups, jobs=jobs,
+        progress=progress, max_staleness=applied.max_staleness_steps,
+        burn_in=applied.burn_in_steps,
+    )
+    return observe.observe(old, seen)
+
+
+def refresh(state: State, namespace: str, name: str) -> str:
+    """Recompute a run's status from its jobs and the bucket; "gone" once the run is."""
+    new = write(state, namespace, name, lambda body, old: _observe(state, body, old))
+    if new is None:
+        state.forget(namespace, name)
+        return "gone"
+    return "ok"

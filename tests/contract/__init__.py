@@ -1,0 +1,1 @@
+"""What the project promises others: the CRD, the chart, the images, the Kubeflow contract."""

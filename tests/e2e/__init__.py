@@ -1,0 +1,1 @@
+"""Real processes end to end: local runs, and the production path through the operator."""

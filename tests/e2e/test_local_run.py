@@ -1,0 +1,135 @@
+"""`codistill run` for real: local processes, gloo DDP, a local folder as the bucket."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.support.localrun import codistill, manifest, read_json, start, workers_of
+
+pytestmark = pytest.mark.slow
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def peer_lag(history: list[dict], peer: list[dict]) -> list[float]:
+    """For each record of a group: how far its teacher was behind the peer's own step at that
+    moment (the peer's step interpolated from its history by wall time). Own step minus teacher
+    step would also count the drift between two unsynchronised groups, which no exchange
+    period can bound; this is what publishing and polling control."""
+    times, steps = [h["time"] for h in peer if "time" in h], [h["step"] for h in peer if "time" in h]
+    lags = []
+    for h in history:
+        if h.get("staleness") is None:
+            continue
+        i = max(0, min(len(times) - 1, sum(t <= h["time"] for t in times) - 1))
+        peer_step = steps[i]
+        if i + 1 < len(times):
+            frac = (h["time"] - times[i]) / max(times[i + 1] - times[i], 1e-9)
+            peer_step += max(0.0, min(1.0, frac)) * (steps[i + 1] - steps[i])
+        lags.append(peer_step - (h["step"] - h["staleness"]))
+    return lags
+
+
+def test_two_groups_of_two_workers_distill_from_each_other(tmp_path):
+    path = manifest(tmp_path, training={"steps": 300, "batchSize": 16, "evalEverySteps": 100,
+                                        "evalBatches": 2, "checkpointEverySteps": 100},
+                    distillation={"burnInSteps": 20, "exchangeEverySteps": 20,
+                                  "reloadEverySteps": 20, "maxStalenessSteps": 400,
+                                  "pollIntervalSeconds": 0.05})
+    res = codistill("run", str(path), cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    run = tmp_path / "runs" / "default" / "t"
+    progress = [read_json(run / "groups" / str(g) / "progress.json") for g in (0, 1)]
+    for group, prog in enumerate(progress):
+        assert prog["state"] == "finished" and prog["step"] == 300
+        assert str(1 - group) in prog["teachers"], prog
+        distilled = [h["step"] for h in prog["history"] if h.get("distillLoss") is not None]
+        assert distilled and min(distilled) > 20  # nothing before burnInSteps
+        lags = peer_lag(prog["history"], progress[1 - group]["history"])
+        # exchangeEverySteps + reloadEverySteps, plus the resolution of the two histories
+        # (each record sums up PROGRESS_EVERY = 10 steps, on this group's side and the peer's)
+        assert lags and max(lags) <= 20 + 20 + 2 * 10, lags
+    report = read_json(run / "report" / "report.json")
+    assert report["ensemble"]["loss"] > 0 and len(report["churn"]["pairs"]) == 1
+    assert (run / "report" / "curves.png").read_bytes()[:8] == PNG
+    assert "ensemble" in res.stdout and "churn" in res.stdout
+    assert not workers_of(run.as_uri())
+    status = codistill("status", str(run), cwd=tmp_path)
+    assert status.returncode == 0 and "finished" in status.stdout
+
+
+def test_killed_worker_stops_the_run_and_resumes_from_last_state(tmp_path):
+    path = manifest(tmp_path, name="r", workersPerGroup=1,
+                    training={"steps": 600, "batchSize": 8, "checkpointEverySteps": 20,
+                              "evalEverySteps": 100, "evalBatches": 1})
+    run = tmp_path / "runs" / "default" / "r"
+    launcher = start("run", str(path), cwd=tmp_path)
+    pointer = run / "groups" / "0" / "state" / "LATEST.json"
+    wait_for(lambda: pointer.exists() and read_json(pointer)["step"] >= 40, what="a saved state")
+    victim = next(pid for pid, env in workers_of(run.as_uri()).items()
+                  if env.get("CODISTILL_GROUP") == "0")
+    import os
+    os.kill(victim, signal.SIGKILL)
+    out, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode == 1, out
+    assert "exited with code -9" in out and "r-g0-master-0" in out
+    assert not workers_of(run.as_uri())  # the other group was stopped too
+    saved = read_json(pointer)["step"]
+    res = codistill("run", str(path), cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    prog = read_json(run / "groups" / "0" / "progress.json")
+    assert prog["resumedFrom"] >= saved >= 40 and prog["step"] == 600
+    assert prog["history"][0]["step"] < saved  # the curve from before the kill is kept
+
+
+def test_ctrl_c_stops_every_worker(tmp_path):
+    path = manifest(tmp_path, name="c", training={"steps": 5000, "batchSize": 8})
+    run = tmp_path / "runs" / "default" / "c"
+    launcher = start("run", str(path), cwd=tmp_path)
+    wait_for(lambda: (run / "groups" / "1" / "progress.json").exists(), what="progress")
+    launcher.send_signal(signal.SIGINT)
+    out, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode == 1 and "interrupted" in out
+    assert not workers_of(run.as_uri())
+
+
+def test_several_processes_per_pod_go_through_torchrun(tmp_path):
+    path = manifest(tmp_path, name="n", groups=1, workersPerGroup=1, nprocPerWorker=2,
+                    training={"steps": 20, "batchSize": 8, "evalEverySteps": 10,
+                              "evalBatches": 2, "checkpointEverySteps": 10})
+    res = codistill("run", str(path), cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    log = (tmp_path / ".codistill" / "logs" / "default-n" / "n-g0-master-0.log").read_text()
+    assert "g0 r0" in log and "g0 r1" in log and "of 2 shards" in log
+    assert read_json(tmp_path / "runs/default/n/groups/0/progress.json")["state"] == "finished"
+
+
+def test_run_against_s3_bucket(tmp_path, s3):
+    """The workers reach moto's S3 server through the env contract (endpoint, credentials)."""
+    path = manifest(tmp_path, name="s", workersPerGroup=1,
+                    training={"steps": 60, "batchSize": 8, "evalEverySteps": 30,
+                              "evalBatches": 2, "checkpointEverySteps": 30},
+                    storage={"url": "s3://codistill-test/runs", "endpoint": s3})
+    res = codistill("run", str(path), cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    url = "s3://codistill-test/runs/default/s"
+    status = codistill("status", url, cwd=tmp_path)
+    assert status.returncode == 0 and status.stdout.count("finished") == 2, status.stdout
+    from codistill.storage import Bucket
+
+    bucket = Bucket(url)
+    assert bucket.get_json("report/report.json")["churn"]["pairs"]
+    assert bucket.get_json("groups/0/teacher/LATEST.json")["step"] == 60
+    assert not (tmp_path / "runs").exists()  # nothing went to the local default

@@ -1,0 +1,169 @@
+"""The benchmarks' maths and result files (the benchmarks themselves run with `make bench`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import churn, common, exchange_io, operator_load, overhead, sim, steps_to_target
+from tests.support.datafixtures import make_tiny_data
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCHEMAS = {"steps_to_target": steps_to_target.SCHEMA, "churn": churn.SCHEMA,
+           "overhead": overhead.SCHEMA, "exchange_io": exchange_io.SCHEMA,
+           "operator_load": operator_load.SCHEMA}
+
+
+def test_steps_to_target_interpolates_the_first_crossing():
+    curve = [(0, 4.0), (100, 3.0), (200, 2.0), (300, 2.5), (400, 1.0)]
+    assert common.steps_to_target(curve, 2.5) == 150.0  # halfway from 3.0 to 2.0
+    assert common.steps_to_target(curve, 2.0) == 200.0
+    assert common.steps_to_target(curve, 5.0) == 0.0  # already there at the start
+    assert common.steps_to_target(curve, 0.5) is None  # never reached
+
+
+def test_compare_reports_ratio_and_censors_a_run_that_never_reaches_the_target():
+    baseline = [(0, 3.0), (100, 2.0), (200, 1.0), (300, 1.2)]
+    faster = [(0, 3.0), (100, 1.0), (200, 0.9), (300, 0.9)]
+    r = common.compare(baseline, faster)
+    assert (r["target"], r["baseline_steps"], r["codistill_steps"]) == (1.0, 200.0, 100.0)
+    assert r["ratio"] == 0.5 and r["reached"]
+    slower = [(0, 3.0), (100, 2.5), (200, 1.5), (300, 1.1)]
+    r = common.compare(baseline, slower)
+    assert not r["reached"] and r["codistill_steps"] == 300.0 and r["ratio"] == 1.5
+
+
+def test_plateau_is_where_doubling_stops_paying_for_good():
+    perfect_then_flat = [(16, 1000), (32, 500), (64, 260), (128, 240), (256, 230)]
+    assert common.plateau(perfect_then_flat, 0.8) == 64
+    noisy_early = [(16, 1000), (32, 900), (64, 450), (128, 420), (256, 410)]
+    assert common.plateau(noisy_early, 0.8) == 64  # the early 0.9 does not end the curve
+    assert common.plateau([(16, 1000), (32, 500), (64, 250)], 0.8) is None
+    with pytest.raises(ValueError, match="must double"):
+        common.plateau([(16, 1000), (48, 500)], 0.8)
+
+
+def test_smooth_and_mean_curve():
+    curve = [(0, 3.0), (10, 1.0), (20, 2.0), (30, 0.0)]
+    assert common.smooth(curve, 3) == [(0, 2.0), (10, 2.0), (20, 1.0), (30, 1.0)]
+    assert common.smooth(curve, 1) == curve
+    assert common.mean_curve([[(0, 1.0), (5, 3.0)], [(0, 3.0), (5, 1.0)]]) == [(0, 2.0), (5, 2.0)]
+    with pytest.raises(ValueError, match="share their steps"):
+        common.mean_curve([[(0, 1.0)], [(1, 1.0)]])
+
+
+def test_summary_and_quantile():
+    s = common.summary([1.0, 2.0, 3.0])
+    assert (s["mean"], s["std"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 1.0, 3.0, 3)
+    assert common.summary([5.0])["std"] == 0.0
+    values = [float(i) for i in range(1, 101)]
+    assert common.quantile(values, 0.5) == 50.5
+    assert common.quantile(values, 0.99) == pytest.approx(99.01)
+    assert common.quantile([3.0], 0.99) == 3.0
+
+
+def test_check_names_the_missing_key():
+    schema = {"tasks": {"*": {"ratio": {}, "groups": {"*": {"baseline_steps": {}}}}}}
+    common.check({"tasks": {"lm": {"ratio": 1, "groups": {"2": {"baseline_steps": 3}}}}},
+                 schema, "r")
+    with pytest.raises(ValueError, match=r"r\.tasks\.lm\.groups\.4: missing key 'baseline_steps'"):
+        common.check({"tasks": {"lm": {"ratio": 1, "groups": {"4": {}}}}}, schema, "r")
+    with pytest.raises(ValueError, match="at least one entry"):
+        common.check({"tasks": {}}, schema, "r")
+
+
+@pytest.mark.parametrize("folder", ["", "quick"])
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_committed_results_match_their_schema(name, folder):
+    path = ROOT / "bench" / "results" / folder / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"{path} not written yet (make bench, make bench-quick)")
+    doc = json.loads(path.read_text())
+    common.check(doc, SCHEMAS[name], name)
+    common.check(doc, {"provenance": {"command": {}, "date": {}, "git": {"commit": {}},
+                                      "machine": {"loadavg_start": {}, "cpus": {}}}}, name)
+    assert (path.with_suffix(".png")).exists()
+
+
+def tiny_job(tmp_path, groups: int, steps: int = 24) -> sim.Job:
+    data = make_tiny_data(tmp_path / "data")
+    return sim.Job("tiny", {
+        "groups": groups,
+        "task": {"name": "lm", "args": {"data_dir": str(data), "seq_len": 8, "embed": 8,
+                                        "hidden": 16}},
+        "training": {"steps": steps, "batchSize": 4, "evalEverySteps": steps, "evalBatches": 1,
+                     "checkpointEverySteps": steps, "optimizer": {"lr": 0.01}},
+        "distillation": {"burnInSteps": 4, "exchangeEverySteps": 4, "reloadEverySteps": 4,
+                         "maxStalenessSteps": 16, "pollIntervalSeconds": sim.PARKED},
+    }, eval_every=8, eval_size=(4, 2), predictions=True)
+
+
+def test_lockstep_codistillation_is_deterministic_and_distills(tmp_path):
+    torch.set_num_threads(1)
+    job = tiny_job(tmp_path, groups=2)
+    a, b = sim.run(job), sim.run(job)
+    assert a.curves == b.curves  # teacher swaps do not depend on thread timing
+    assert [s for s, _ in a.curves[0]] == [0, 8, 16, 24]
+    assert all(torch.equal(a.probs[g], b.probs[g]) for g in (0, 1))
+    # groups differ from a run where they never distill (weight 0) from step 8 on
+    spec = copy.deepcopy(job.spec)
+    spec["distillation"]["weight"] = 0.0
+    alone = sim.Job(job.name, spec, job.eval_every, job.eval_size)
+    c = sim.run(alone)
+    assert c.curves[0][1] == a.curves[0][1] and c.curves[0][2] != a.curves[0][2]
+
+
+def test_counting_bucket_counts_only_teacher_traffic(tmp_path):
+    bucket = exchange_io.CountingBucket((tmp_path / "b").as_uri())
+    bucket.put("groups/0/teacher/4.safetensors", b"x" * 100)
+    bucket.put("groups/0/teacher/LATEST.json", b"{}")
+    bucket.put("groups/0/progress.json", b"y" * 50)
+    assert bucket.get("groups/0/teacher/4.safetensors") == b"x" * 100
+    bucket.get("groups/0/progress.json")
+    assert bucket.sent == {"safetensors": 100, "json": 2}
+    assert bucket.received == {"safetensors": 100}
+
+
+def test_overhead_parts_add_up_to_the_iteration():
+    sw = overhead.Stopwatch()
+    sw.seconds = {"step": 10.0, "after_step": 2.0, "forward": 5.0, "teacher_forward": 3.0,
+                  "distill": 0.5, "publish": 0.2, "refresh": 0.3}
+    r = overhead.breakdown(sw, group_steps=10)
+    parts = r["parts_s"]
+    assert parts["student_forward"] == pytest.approx(0.2)
+    assert parts["teacher_forward"] == pytest.approx(0.3)
+    assert parts["exchange_on_thread"] == pytest.approx(0.05)
+    assert sum(parts.values()) == pytest.approx(r["iteration_s"]) == pytest.approx(1.2)
+
+
+def test_pair_churn_compares_the_right_runs():
+    same = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    other = torch.tensor([[0.4, 0.6], [0.2, 0.8]])
+    probs = {("baseline", i): {0: same if i % 2 == 0 else other} for i in range(4)}
+    probs |= {("codistill", 0): {0: same, 1: other}, ("codistill", 1): {0: same, 1: same}}
+    r = churn.pair_churn(probs, 0)
+    assert r["baseline_churn"] == {"flip": 0.5, "mad": pytest.approx(0.25)}
+    assert r["codistill_churn"] == {"flip": 0.0, "mad": 0.0}  # group 0 of run 0 vs of run 1
+    assert r["within_run_churn"]["flip"] == 0.5  # the two groups of run 0
+
+
+def test_the_bench_emulator_honours_equality_label_selectors(tmp_path):
+    cluster = operator_load.SelectingCluster(tmp_path)
+    try:
+        for i, run in enumerate(["a", "a", "b"]):
+            cluster.create(operator_load.JOBS, {
+                "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+                "metadata": {"name": f"j{i}", "labels": {"codistill.io/run": run}}})
+        path = cluster.path(operator_load.JOBS, "default")
+        for query, names in (("?labelSelector=codistill.io%2Frun%3Da", {"j0", "j1"}),
+                             ("?labelSelector=codistill.io%2Frun%3D%3Db", {"j2"}),
+                             ("?labelSelector=codistill.io%2Frun", {"j0", "j1", "j2"}), ("", None)):
+            items = cluster.request("GET", path + query)["items"]
+            assert {o["metadata"]["name"] for o in items} == (names or {"j0", "j1", "j2"})
+    finally:
+        cluster.close()

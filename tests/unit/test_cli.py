@@ -1,0 +1,88 @@
+"""Bad input to `codistill run`: one line naming the file/field, exit 2, no process started."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from codistill_trainer.cli import commands as cli
+
+from tests.support.datafixtures import make_tiny_data
+from tests.support.localrun import workers_of
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    out = capsys.readouterr()
+    return e.value.code, " ".join((out.out + out.err).split())
+
+
+def write(tmp_path, doc) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return str(path)
+
+
+def manifest(tmp_path, **spec) -> dict:
+    data = make_tiny_data(tmp_path / "data")
+    base = {"task": {"name": "lm", "args": {"data_dir": str(data), "seq_len": 8}}}
+    return {"apiVersion": "codistill.io/v1alpha1", "kind": "Codistillation",
+            "metadata": {"name": "bad"}, "spec": {**base, **spec}}
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("malformed", "malformed YAML"),
+    ("unknown", "spec.trainingg: unknown field"),
+    ("groups0", "spec.groups: Input should be greater than or equal to 1"),
+    ("no_module", "spec.task.name"),
+    ("no_data", "codistill data fetch"),
+    ("bad_arg", "spec.task.args"),
+    ("unreachable", "unreachable"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch, case, expected):
+    monkeypatch.chdir(tmp_path)
+    doc = manifest(tmp_path)
+    if case == "malformed":
+        doc = "apiVersion: codistill.io/v1alpha1\nkind: Codistillation\nspec: {groups: [1}\n"
+    elif case == "unknown":
+        doc["spec"]["trainingg"] = {}
+    elif case == "groups0":
+        doc["spec"]["groups"] = 0
+    elif case == "no_module":
+        doc["spec"]["task"] = {"name": "no_such_pkg.models:make"}
+    elif case == "no_data":
+        doc["spec"]["task"]["args"]["data_dir"] = str(tmp_path / "empty")
+    elif case == "bad_arg":
+        doc["spec"]["task"]["args"]["layerz"] = 3
+    elif case == "unreachable":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        doc["spec"]["storage"] = {"url": "s3://nowhere", "endpoint": "http://127.0.0.1:9"}
+    code, out = run_cli(capsys, "run", write(tmp_path, doc))
+    assert code == 2, out
+    assert out.startswith("error:") and expected in out, out
+    assert "run.yaml" in out or case in ("no_module", "no_data", "bad_arg", "unreachable")
+    assert not (tmp_path / "runs").exists() or case == "unreachable"
+    assert not workers_of((tmp_path / "runs" / "default" / "bad").as_uri())
+
+
+def test_status_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    code, out = run_cli(capsys, "status", str(tmp_path))
+    assert code == 2 and "not a run folder" in out
+
+
+def test_run_folder_refuses_a_different_spec(tmp_path, capsys, monkeypatch):
+    from codistill import spec
+    from codistill.storage import Bucket
+    from codistill_trainer.cli import launch
+
+    monkeypatch.chdir(tmp_path)
+    run = spec.parse(manifest(tmp_path))
+    bucket = Bucket(launch.local_run_url(run, tmp_path))
+    launch.prepare(run, bucket, fresh=False)
+    other = spec.parse({**manifest(tmp_path), "spec": {**manifest(tmp_path)["spec"], "groups": 3}})
+    with pytest.raises(spec.SpecError, match="different spec; use --fresh"):
+        launch.prepare(other, bucket, fresh=False)
+    launch.prepare(other, bucket, fresh=True)
+    assert bucket.get_json("run.json")["spec"]["groups"] == 3

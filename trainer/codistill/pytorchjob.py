@@ -1,0 +1,124 @@
+"""Render a run spec into one Kubeflow PyTorchJob per group (Training Operator v1.9).
+
+Pure functions returning plain dicts, shared by the operator (which creates them) and the local
+launcher (which runs their containers as local processes), so both run exactly the same thing.
+Every job must validate against Kubeflow's PyTorchJob CRD and meet its webhook rules.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from . import names
+from .names import CONTAINER, MASTER_PORT
+from .spec import Codistillation
+
+API_VERSION = f"{names.KUBEFLOW_GROUP}/{names.KUBEFLOW_VERSION}"
+WORKER_COMMAND = ["python", "-m", "codistill_trainer.worker"]
+
+
+def contract_env(run: Codistillation, group: int, run_url: str) -> list[dict[str, Any]]:
+    """The env contract (docs/architecture.md); credentials only as references to the Secret."""
+    env: list[dict[str, Any]] = [
+        {"name": names.ENV_RUN_URL, "value": run_url},
+        {"name": names.ENV_GROUP, "value": str(group)},
+        {"name": names.ENV_GROUPS, "value": str(run.spec.groups)},
+    ]
+    storage = run.spec.storage
+    if storage.endpoint:
+        env.append({"name": names.ENV_ENDPOINT, "value": storage.endpoint})
+    if storage.credentials_secret:
+        env += [
+            {
+                "name": key,
+                "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}},
+            }
+            for key in names.CREDENTIAL_KEYS
+        ]
+    return env
+
+
+def labels(run: Codistillation, group: int | None = None) -> dict[str, str]:
+    found = {
+        names.LABEL_NAME: "codistill",
+        names.LABEL_MANAGED_BY: names.MANAGED_BY,
+        names.LABEL_RUN: run.metadata.name,
+    }
+    if group is not None:
+        found[names.LABEL_GROUP] = str(group)
+    return found
+
+
+def _merge(base: Any, extra: Any) -> Any:
+    """Deep-merge `extra` (the user's template) into `base`; lists are replaced, not merged."""
+    if isinstance(base, dict) and isinstance(extra, dict):
+        out = dict(base)
+        for key, value in extra.items():
+            out[key] = _merge(base[key], value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(extra)
+
+
+def _container(run: Codistillation, group: int, run_url: str, user: dict[str, Any]) -> dict:
+    """The `pytorch` container: the user's settings, then ours; the contract env always wins."""
+    ours = contract_env(run, group, run_url)
+    taken = {e["name"] for e in ours}
+    user_env = [e for e in user.get("env", []) if e.get("name") not in taken]
+    container = _merge(user, {
+        "name": CONTAINER,
+        "image": run.spec.image,
+        "command": WORKER_COMMAND,
+        "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT}],
+    })
+    container["env"] = user_env + ours
+    container.setdefault("securityContext", {"allowPrivilegeEscalation": False})
+    return container
+
+
+def pod_template(run: Codistillation, group: int, run_url: str) -> dict[str, Any]:
+    """The pod template of every replica of a group, with the user's `template` merged in."""
+    user = copy.deepcopy(run.spec.template or {})
+    user_spec = user.pop("spec", {}) or {}
+    containers = user_spec.pop("containers", []) or []
+    ours = next((c for c in containers if c.get("name") == CONTAINER), {})
+    sidecars = [c for c in containers if c.get("name") != CONTAINER]
+    spec = _merge({"securityContext": {"runAsNonRoot": True}}, user_spec)
+    spec["containers"] = [_container(run, group, run_url, ours), *sidecars]
+    meta = _merge({"labels": labels(run, group)}, user.pop("metadata", {}) or {})
+    return {"metadata": meta, "spec": spec}
+
+
+def _run_policy(run: Codistillation) -> dict[str, Any]:
+    policy = run.spec.run_policy.model_dump(by_alias=True, exclude={"queue_name"})
+    return {k: v for k, v in policy.items() if v is not None}
+
+
+def render_job(run: Codistillation, group: int, run_url: str) -> dict[str, Any]:
+    """One group's PyTorchJob: 1 Master + (workersPerGroup - 1) Workers, nprocPerNode each."""
+    template = pod_template(run, group, run_url)
+    replica = {"restartPolicy": "OnFailure", "template": template}
+    replicas = {"Master": {"replicas": 1, **copy.deepcopy(replica)}}
+    if run.spec.workers_per_group > 1:
+        replicas["Worker"] = {"replicas": run.spec.workers_per_group - 1, **replica}
+    job_labels = labels(run, group)
+    if run.spec.run_policy.queue_name:
+        job_labels[names.LABEL_QUEUE] = run.spec.run_policy.queue_name
+    return {
+        "apiVersion": API_VERSION,
+        "kind": names.PYTORCHJOB_KIND,
+        "metadata": {
+            "name": run.job_name(group),
+            "namespace": run.metadata.namespace,
+            "labels": job_labels,
+        },
+        "spec": {
+            "nprocPerNode": str(run.spec.nproc_per_worker),
+            "runPolicy": _run_policy(run),
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def render_jobs(run: Codistillation, run_url: str) -> list[dict[str, Any]]:
+    return [render_job(run, g, run_url) for g in range(run.spec.groups)]

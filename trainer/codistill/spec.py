@@ -1,0 +1,279 @@
+"""The run spec: a `Codistillation` manifest read, defaulted and validated.
+
+One module of the contract that the local launcher, the trainer and the operator all import, so a field
+means the same thing everywhere. The pydantic models below are the single source of truth: the
+CRD's openAPIV3Schema is generated from them (field names are the CR's camelCase API), and every
+error names the field it is about, e.g. ``spec.distillation.temperature``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from . import names
+from .names import API_GROUP, API_VERSION, KIND
+
+DEFAULT_IMAGE = "codistill/trainer:0.1.0"
+# PyTorchJob names are `<name>-g<i>` and must be DNS-1035 labels of at most 63 characters.
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*(:[A-Za-z_][A-Za-z0-9_.]*)?$")
+
+
+class SpecError(ValueError):
+    """A manifest that cannot run; the message names the file and field and what was expected."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+
+class Task(_Model):
+    name: str = Field(
+        "lm",
+        pattern=TASK_NAME.pattern,
+        description="A built-in task (`lm`, `ctr`) or an import path `pkg.module:factory` "
+        "whose factory(**args) returns a codistill Task.",
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Free-form keyword arguments for the task factory."
+    )
+
+
+class Optimizer(_Model):
+    name: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled weight decay.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to `lr`.")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="Learning-rate schedule after warm-up (decays to 0 at `steps`)."
+    )
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables.")
+
+
+class Training(_Model):
+    steps: int = Field(1000, ge=1, le=100_000_000, description="Optimizer steps per group.")
+    batch_size: int = Field(32, ge=1, le=1_000_000, description="Examples per process per step.")
+    optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer settings.")
+    eval_every_steps: int = Field(100, ge=1, description="Evaluate on the eval set every N steps.")
+    eval_batches: int = Field(8, ge=1, le=10_000, description="Eval batches per evaluation.")
+    checkpoint_every_steps: int = Field(
+        100, ge=1, description="Save full training state (for resume) every N steps."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Base random seed.")
+    data_sharding: Literal["disjoint", "shared"] = Field(
+        "disjoint",
+        description="`disjoint`: every group (and rank) reads its own shard, as in the paper; "
+        "`shared`: every group reads the same data (the paper's control).",
+    )
+
+
+class Distillation(_Model):
+    weight: float = Field(1.0, ge=0, le=1000, description="Weight of the distillation term.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature.")
+    loss: Literal["kl", "mse"] = Field(
+        "kl", description="`kl` on tempered distributions, or `mse` on logits."
+    )
+    burn_in_steps: int = Field(
+        0, ge=0, description="Steps of plain training before the distillation term is added."
+    )
+    exchange_every_steps: int = Field(
+        50, ge=1, description="Publish this group's weights for its peers every K steps."
+    )
+    reload_every_steps: int = Field(
+        50, ge=1, description="Swap in the peers' newest published weights every N steps."
+    )
+    max_staleness_steps: int = Field(
+        1000,
+        ge=1,
+        description="Skip a teacher older than this many steps behind the student; must be at "
+        "least exchangeEverySteps + reloadEverySteps.",
+    )
+    poll_interval_seconds: float = Field(
+        1.0, ge=0.05, le=3600,
+        description="How often each group checks the bucket for its peers' newest weights "
+        "(in the background; it only bounds how soon a new publish can be swapped in).",
+    )
+    teachers: int | Literal["all"] = Field(
+        "all",
+        description="`all` peers, or a number k: distill from a random sample of k peers per step.",
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+
+    @model_validator(mode="after")
+    def _staleness_fits_exchange(self) -> Distillation:
+        floor = self.exchange_every_steps + self.reload_every_steps
+        if self.max_staleness_steps < floor:
+            raise ValueError(
+                f"maxStalenessSteps: must be >= exchangeEverySteps + reloadEverySteps ({floor}), "
+                f"got {self.max_staleness_steps}: every teacher would be skipped as stale"
+            )
+        if isinstance(self.teachers, int) and self.teachers < 1:
+            raise ValueError(f"teachers: must be 'all' or >= 1, got {self.teachers}")
+        return self
+
+
+class Storage(_Model):
+    url: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9+.-]*://.+$",
+        description="Bucket URL (`s3://bucket/prefix`, any fsspec URL; `file://` only for local "
+        "runs). Runs live under <url>/<namespace>/<name>/. Local runs default to ./runs.",
+    )
+    endpoint: str | None = Field(
+        None, pattern=r"^https?://.+$", description="S3 endpoint URL (MinIO, moto, ...)."
+    )
+    credentials_secret: str | None = Field(
+        None,
+        pattern=DNS1035.pattern.replace("[a-z]", "[a-z0-9]", 1),
+        description="Secret in the run's namespace with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.",
+    )
+    on_delete: Literal["Retain", "Delete"] = Field(
+        "Retain", description="`Delete` removes the run folder when the resource is deleted."
+    )
+
+
+class RunPolicy(_Model):
+    backoff_limit: int | None = Field(None, ge=0, description="Restarts before a job fails.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Job deadline.")
+    suspend: bool = Field(False, description="Suspend every group's job (resume by unsetting).")
+    scheduling_policy: dict[str, Any] | None = Field(
+        None, description="Passed to every PyTorchJob's runPolicy.schedulingPolicy."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete finished jobs after this many seconds."
+    )
+    queue_name: str | None = Field(
+        None, description="Kueue LocalQueue: label kueue.x-k8s.io/queue-name on every job."
+    )
+
+
+class Spec(_Model):
+    groups: int = Field(2, ge=1, le=64, description="Model groups; 1 = plain data parallelism.")
+    workers_per_group: int = Field(
+        1, ge=1, le=1024, description="Pods per group: one Master plus Workers."
+    )
+    nproc_per_worker: int = Field(1, ge=1, le=64, description="Processes per pod (e.g. GPUs).")
+    image: str = Field(DEFAULT_IMAGE, min_length=1, description="Trainer container image.")
+    template: dict[str, Any] | None = Field(
+        None,
+        description="Pod template merged into every trainer pod (resources, nodeSelector, "
+        "tolerations, volumes, env).",
+    )
+    task: Task = Field(default_factory=Task, description="What to train.")
+    training: Training = Field(default_factory=Training, description="Training settings.")
+    distillation: Distillation = Field(
+        default_factory=Distillation, description="Codistillation settings."
+    )
+    storage: Storage = Field(default_factory=Storage, description="The shared bucket.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Job run policy.")
+
+    @model_validator(mode="after")
+    def _teachers_fit_groups(self) -> Spec:
+        k = self.distillation.teachers
+        if isinstance(k, int) and k > self.groups - 1:
+            raise ValueError(f"distillation.teachers: must be < groups ({self.groups}), got {k}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Processes in one group's DDP world."""
+        return self.workers_per_group * self.nproc_per_worker
+
+
+class Metadata(_Model):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=63)
+    namespace: str = "default"
+    generation: int = 1
+
+
+class Codistillation(_Model):
+    api_version: str = Field(f"{API_GROUP}/{API_VERSION}")
+    kind: Literal["Codistillation"] = KIND
+    metadata: Metadata
+    spec: Spec = Field(default_factory=Spec)
+    status: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _name_fits_jobs(self) -> Codistillation:
+        name, expected = self.metadata.name, f"{API_GROUP}/{API_VERSION}"
+        if self.api_version != expected:
+            raise ValueError(f"apiVersion: must be {expected}, got {self.api_version}")
+        longest = names.job_name(name, self.spec.groups - 1)
+        if not DNS1035.match(name) or len(longest) > 63:
+            raise ValueError(
+                f"metadata.name: must be a lower-case DNS-1035 label short enough that job "
+                f"'{longest}' has at most 63 characters"
+            )
+        return self
+
+    def job_name(self, group: int) -> str:
+        return names.job_name(self.metadata.name, group)
+
+    def resolved(self) -> dict[str, Any]:
+        """The fully defaulted manifest (what `run.json` holds), in the CR's field names."""
+        return self.model_dump(by_alias=True, exclude={"status"}, mode="json")
+
+
+def _field(loc: tuple[Any, ...], msg: str) -> tuple[str, str]:
+    """The dotted CR path of an error; cross-field validators prefix their message with it."""
+    parts = [str(p) for p in loc if not str(p).startswith(("function-", "int", "literal"))]
+    head, sep, rest = msg.partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z.]*", head):
+        parts, msg = parts + [head], rest
+    return ".".join(parts), msg
+
+
+def describe(err: ValidationError) -> str:
+    """One clause per field, each starting with the field's path in the CR."""
+    found: dict[str, list[str]] = {}
+    for e in err.errors():
+        field, msg = _field(e["loc"], e["msg"].removeprefix("Value error, "))
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        found.setdefault(field, []).append(msg)
+        got = e.get("input")
+        if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict):
+            found[field].append(f"(got {got!r})")
+    clauses = []
+    for field, msgs in found.items():
+        got = [m for m in msgs if m.startswith("(got ")][:1]
+        text = " or ".join(dict.fromkeys(m for m in msgs if not m.startswith("(got ")))
+        clauses.append(f"{field}: {' '.join([text, *got])}")
+    return "; ".join(clauses)
+
+
+def parse(doc: dict[str, Any], source: str = "manifest") -> Codistillation:
+    """Validate one manifest dict; raise SpecError naming `source` and the field."""
+    if not isinstance(doc, dict):
+        raise SpecError(f"{source}: expected a mapping with apiVersion, kind, metadata, spec")
+    try:
+        return Codistillation.model_validate(doc)
+    except ValidationError as e:
+        raise SpecError(f"{source}: {describe(e)}") from None
+
+
+def load(path: str | Path) -> Codistillation:
+    """Read the one Codistillation in a YAML file (other documents, e.g. Secrets, are skipped)."""
+    path = Path(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise SpecError(f"{path}:{line} malformed YAML: {getattr(e, 'problem', e)}") from None
+    runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(runs) != 1:
+        raise SpecError(f"{path}: expected exactly one document with kind: {KIND}, found {len(runs)}")
+    return parse(runs[0], str(path))

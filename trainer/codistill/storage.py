@@ -1,0 +1,172 @@
+"""All bucket access, over fsspec: local folders, `file://`, `s3://` (and any fsspec URL).
+
+S3 has no rename and no append, so nothing here relies on either: small JSON files are written
+with one PUT (atomic to readers). This module holds the only retry policy for the bucket: each
+call is tried `attempts` times with exponential backoff (botocore's and s3fs's own retries are
+turned off, so one attempt really is one request), and every S3 request has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any, Callable, TypeVar
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from . import names
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRIES = 4  # attempts per call for trainers, which must ride out a short outage
+TIMEOUT_S = 30.0  # connect and read timeout of one S3 request
+
+
+class StorageError(RuntimeError):
+    """The bucket cannot be reached or used; the message names the URL."""
+
+
+def filesystem(
+    url: str,
+    endpoint: str | None = None,
+    credentials: dict[str, str] | None = None,
+    timeout: float = TIMEOUT_S,
+) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and root path of `url`.
+
+    S3 credentials come from `credentials` (the operator reads them from the run's Secret) or
+    from the environment (a trainer pod gets them from the Secret as env); never from the spec.
+    """
+    options: dict[str, Any] = {}
+    if url.startswith("s3://"):
+        endpoint = endpoint or os.environ.get(names.ENV_ENDPOINT)
+        options = {
+            "use_listings_cache": False,
+            "skip_instance_cache": True,
+            # `retry` below is the policy: one botocore attempt per call, bounded in time.
+            "config_kwargs": {
+                "retries": {"max_attempts": 1, "mode": "standard"},
+                "connect_timeout": timeout,
+                "read_timeout": timeout,
+            },
+        }
+        if endpoint:
+            options["endpoint_url"] = endpoint
+        if credentials:
+            options["key"] = credentials[names.ENV_ACCESS_KEY]
+            options["secret"] = credentials[names.ENV_SECRET_KEY]
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"{url}: unsupported storage URL: {e}") from None
+    if hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs retries some errors itself; `retry` alone decides
+    return fs, path.rstrip("/")
+
+
+def retry(what: str, fn: Callable[[], T], attempts: int = RETRIES) -> T:
+    """Run `fn`, retrying transient errors (not missing files) with exponential backoff."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except (FileNotFoundError, FileExistsError, PermissionError):
+            raise
+        except Exception as e:  # network and server errors from any fsspec backend
+            if i == attempts - 1:
+                raise StorageError(f"{what}: {type(e).__name__}: {e}") from e
+            delay = 0.2 * 2**i
+            log.warning("%s failed (%s), retrying in %.1fs", what, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class Bucket:
+    """One run folder (or any prefix) on a filesystem, addressed by paths relative to its root."""
+
+    def __init__(
+        self,
+        url: str,
+        endpoint: str | None = None,
+        credentials: dict[str, str] | None = None,
+        *,
+        attempts: int = RETRIES,
+        timeout: float = TIMEOUT_S,
+    ):
+        """`attempts` per call: trainers ride out outages; the operator asks for 1, since it
+        retries whole reconciles later and one dead bucket must not stall other runs' status."""
+        self.url = url.rstrip("/")
+        self.attempts = attempts
+        self.fs, self.root = filesystem(self.url, endpoint, credentials, timeout)
+
+    def _retry(self, what: str, fn: Callable[[], T], attempts: int | None = None) -> T:
+        return retry(what, fn, attempts or self.attempts)
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def put(self, rel: str, data: bytes) -> None:
+        """Write a whole object; readers see the old or the new bytes, never a mix."""
+        def write() -> None:
+            path = self.path(rel)
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            if not isinstance(self.fs, LocalFileSystem):
+                self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+                return
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # a local file is atomic only by rename
+            self.fs.pipe_file(tmp, data)
+            os.replace(tmp, path)
+
+        self._retry(f"write {self.url}/{rel}", write)
+
+    def get(self, rel: str) -> bytes:
+        return self._retry(f"read {self.url}/{rel}", lambda: self.fs.cat_file(self.path(rel)))
+
+    def exists(self, rel: str) -> bool:
+        return self._retry(f"stat {self.url}/{rel}", lambda: self.fs.exists(self.path(rel)))
+
+    def ls(self, rel: str) -> list[str]:
+        """Names (not paths) directly under `rel`; empty when it does not exist."""
+        try:
+            found = self._retry(
+                f"list {self.url}/{rel}", lambda: self.fs.ls(self.path(rel), detail=False)
+            )
+        except FileNotFoundError:
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in found)
+
+    def rm(self, rel: str) -> None:
+        try:
+            self._retry(
+                f"delete {self.url}/{rel}", lambda: self.fs.rm(self.path(rel), recursive=True)
+            )
+        except FileNotFoundError:
+            pass
+
+    def put_json(self, rel: str, obj: Any) -> None:
+        self.put(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def get_json(self, rel: str) -> Any:
+        """The parsed JSON at `rel`, or None when it does not exist."""
+        try:
+            return json.loads(self.get(rel))
+        except FileNotFoundError:
+            return None
+
+    def ensure(self) -> None:
+        """Create the bucket/folder if missing; fail with a clear error if it is unreachable."""
+        local = isinstance(self.fs, LocalFileSystem)
+        top = self.root if local else self.root.split("/")[0]  # an object store's bucket
+
+        def make() -> None:
+            self.fs.makedirs(self.root, exist_ok=True)  # s3fs creates a missing bucket here
+            self.fs.ls(top)
+
+        try:
+            self._retry(f"open {self.url}", make, min(self.attempts, 2))
+        except (StorageError, PermissionError, FileNotFoundError) as e:
+            raise StorageError(f"bucket {self.url} is unreachable: {e}") from None

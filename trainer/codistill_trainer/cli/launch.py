@@ -1,0 +1,182 @@
+"""`codistill run`: the same manifest a cluster runs, as local processes (the embedded default).
+
+It renders the very PyTorchJobs the operator would create, and starts each replica's `pytorch`
+container command as a local process with the environment the Kubeflow Training Operator injects
+(see kubeflow.py) plus the container's own env, secrets resolved from the caller's environment.
+A local folder is the bucket unless `storage.url` names one.
+A crashed worker or Ctrl-C stops every process, with a clear message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from codistill import names
+from codistill.net import free_port
+from codistill.pytorchjob import render_jobs
+from codistill.runfolder import RunFolder
+from codistill.spec import Codistillation, SpecError
+from codistill.storage import Bucket
+from rich.console import Console
+from rich.live import Live
+
+from .. import tables
+from . import kubeflow
+
+DEFAULT_STORAGE = "runs"  # local folder used as the bucket when storage.url is not set
+STOP_GRACE_S = 5.0
+
+
+class RunFailed(RuntimeError):
+    """A worker exited non-zero; the message names it and ends with its log's tail."""
+
+
+@dataclass
+class Replica:
+    """One pod of a PyTorchJob, as a local process."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+
+def local_run_url(run: Codistillation, cwd: Path) -> str:
+    base = run.spec.storage.url or (cwd / DEFAULT_STORAGE).resolve().as_uri()
+    return names.run_url(base, run.metadata.namespace, run.metadata.name)
+
+
+def local_secret(environ: dict[str, str]) -> kubeflow.SecretLookup:
+    """Locally, a secret's key is read from the caller's environment variable of that name."""
+    def lookup(name: str, key: str) -> str:
+        if key not in environ:
+            raise SpecError(f"spec.storage.credentialsSecret: key {key} of secret {name} must be "
+                            f"set as an environment variable for a local run")
+        return environ[key]
+
+    return lookup
+
+
+def replicas(job: dict[str, Any], environ: dict[str, str], logs: Path, threads: int) -> list[Replica]:
+    """Every pod of one PyTorchJob, ready to start; `threads` per process, so that all
+    processes of all groups together use the machine's cores without oversubscribing them."""
+    found = []
+    for pod in kubeflow.pods(job, local_secret(environ), "127.0.0.1", free_port()):
+        env = {**environ, "OMP_NUM_THREADS": str(threads), **pod.env}
+        found.append(Replica(pod.name, pod.command, env, logs / f"{pod.name}.log"))
+    return found
+
+
+def prepare(run: Codistillation, bucket: Bucket, fresh: bool) -> RunFolder:
+    """Create the run folder and write run.json; refuse to mix two different specs in one folder
+    (a rerun of the same spec resumes)."""
+    bucket.ensure()
+    folder = RunFolder(bucket)
+    if fresh and bucket.exists(names.RUN_JSON):
+        for name in bucket.ls(""):
+            bucket.rm(name)
+    try:
+        existing = folder.read_run()
+    except SpecError as e:
+        raise SpecError(f"{e}; use --fresh to start over") from None
+    if existing is not None and existing.spec != run.spec:
+        raise SpecError(f"{bucket.url} holds a run with a different spec; use --fresh to start "
+                        f"over or rename metadata.name")
+    folder.write_run(run)
+    return folder
+
+
+def start(reps: list[Replica]) -> None:
+    for r in reps:
+        r.log.parent.mkdir(parents=True, exist_ok=True)
+        with r.log.open("ab") as out:
+            r.proc = subprocess.Popen(r.command, env=r.env, stdout=out, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(reps: list[Replica]) -> None:
+    """SIGTERM every process group still running, then SIGKILL what is left after a grace period."""
+    live = [r for r in reps if r.proc and r.proc.poll() is None]
+    for r in live:
+        _signal(r, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for r in live:
+        try:
+            r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal(r, signal.SIGKILL)
+            r.proc.wait()
+
+
+def _signal(r: Replica, sig: signal.Signals) -> None:
+    try:
+        os.killpg(r.proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def failed(reps: list[Replica]) -> Replica | None:
+    return next((r for r in reps if r.proc and r.proc.poll() not in (None, 0)), None)
+
+
+def supervise(reps: list[Replica], folder: RunFolder, run: Codistillation, console: Console) -> None:
+    """Show live progress until every process exits; raise RunFailed on the first crash."""
+    def table() -> Any:
+        progress = tables.load_progress(folder, run.spec.groups)
+        return tables.progress_table(run.metadata.name, progress, run.spec)
+
+    def check() -> bool:
+        bad = failed(reps)
+        if bad:
+            raise RunFailed(f"{bad.name} exited with code {bad.proc.returncode}; stopped the run. "
+                            f"Log {bad.log}:\n{tail(bad.log)}")
+        return all(r.proc.poll() == 0 for r in reps)
+
+    if console.is_terminal:
+        with Live(table(), console=console, refresh_per_second=2) as live:
+            while not check():
+                time.sleep(0.5)
+                live.update(table())
+    else:
+        last = 0.0
+        while not check():
+            time.sleep(0.5)
+            if time.monotonic() - last > 15:
+                console.print(table())
+                last = time.monotonic()
+        console.print(table())  # a terminal keeps Live's last frame; a log needs the final one
+
+
+def run_local(run: Codistillation, cwd: Path, fresh: bool, console: Console) -> RunFolder:
+    """Run every group to completion; returns the run folder."""
+    bucket = Bucket(local_run_url(run, cwd), run.spec.storage.endpoint)
+    folder = prepare(run, bucket, fresh)
+    logs = cwd / ".codistill" / "logs" / f"{run.metadata.namespace}-{run.metadata.name}"
+    threads = max(1, (os.cpu_count() or 1) // (run.spec.groups * run.spec.world_size))
+    reps = [r for job in render_jobs(run, bucket.url)
+            for r in replicas(job, dict(os.environ), logs, threads)]
+    console.print(f"[bold]{run.metadata.name}[/]: {run.spec.groups} group(s) x "
+                  f"{run.spec.world_size} process(es), run folder {bucket.url}, logs {logs}")
+    try:
+        start(reps)
+        supervise(reps, folder, run, console)
+    except KeyboardInterrupt:
+        raise RunFailed("interrupted: stopped every worker (progress up to the last "
+                        "checkpoint is kept; run again to resume)") from None
+    finally:
+        stop(reps)
+    return folder

@@ -1,0 +1,284 @@
+"""The training loop of one group's process: DDP inside the group, codistillation across groups.
+
+Read `run()` top to bottom: one step is batch -> student forward -> (after burn-in) stale
+teachers' forward on the same batch -> task loss + weight * distillation -> backward -> step.
+Everything that touches the bucket (publishing, polling, saving state, progress) runs beside the
+loop in background threads; the loop only hands over copies and swaps teachers at step
+boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from codistill.runfolder import Final, Pointer, RunFolder
+from codistill.spec import Codistillation, Distillation, Training
+from codistill.storage import Bucket
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import dist, resume
+from .distill import codistill_loss
+from .exchange import state_channel, state_to_bytes, teacher_channel, weights_to_bytes
+from .progress import ProgressMeter
+from .shards import shard_of
+from .tasks import resolve
+from .tasks.base import Batch, Task
+from .teachers import PeerPoller, Teachers, sample
+from .uploader import Uploader
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY = 10  # steps between progress records
+
+
+class NonFiniteLoss(RuntimeError):
+    """Stop before the optimizer step rather than write NaNs into the weights."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """Who this process is: its group, its rank in the group's DDP world, and the bucket."""
+
+    run: Codistillation
+    group: int
+    rank: int
+    world: int
+    bucket: Bucket
+    device: torch.device
+
+
+def build_optimizer(
+    model: nn.Module, cfg: Training
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    o = cfg.optimizer
+    params = model.parameters()
+    if o.name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+        )
+    elif o.name == "adam":
+        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        done = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+        if o.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+        if o.schedule == "linear":
+            return max(0.0, 1 - done)
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    def move(x: Any) -> Any:
+        return tuple(move(t) for t in x) if isinstance(x, tuple) else x.to(device, non_blocking=True)
+
+    return Batch(move(batch.inputs), move(batch.targets))
+
+
+def distills(step: int, d: Distillation) -> bool:
+    """Whether step `step` adds the distillation term: after burn-in, and only with a weight.
+
+    The one place burn-in is decided; before it the teachers do not even run."""
+    return step >= d.burn_in_steps and d.weight > 0
+
+
+def evaluate(task: Task, model: nn.Module, batches: list[Batch], device: torch.device) -> tuple[float, float]:
+    """(eval loss, accuracy); each rank evaluates its slice of the fixed eval set."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    with torch.inference_mode():
+        for batch in batches:
+            batch = to_device(batch, device)
+            out = task.forward(model, batch)
+            pred = task.logits(out).argmax(-1)
+            sums += torch.tensor([task.loss(out, batch).item(), 1.0, 0.0], dtype=torch.float64)
+            sums[2] += (pred == task.targets(batch)).float().mean().item()
+    model.train(was_training)
+    dist.all_reduce(sums)  # every rank evaluated its own slice: the group's result is the sum
+    return float(sums[0] / max(sums[1], 1)), float(sums[2] / max(sums[1], 1))
+
+
+class Loop:
+    """State shared by the loop's helpers; `run()` is the loop itself."""
+
+    def __init__(self, w: Member):
+        self.w, self.spec = w, w.run.spec
+        self.folder = RunFolder(w.bucket)
+        self.task = resolve(self.spec.task.name, self.spec.task.args)
+        torch.manual_seed(self.spec.training.seed * 1000 + w.group)  # groups start apart
+        self.model = self.task.model().to(w.device)
+        self.opt, self.sched = build_optimizer(self.model, self.spec.training)
+        self.uploader = Uploader()
+        self.states = state_channel(w.bucket, w.group)
+        self.publisher = teacher_channel(w.bucket, w.group)
+        self.progress = ProgressMeter(w.group, self.spec.training.steps)
+        self.submitted = -1  # last step whose weights were handed to the uploader
+        self.published: Pointer | None = None  # the last publish that landed
+        self.start = self._resume()
+        self.ddp = DistributedDataParallel(self.model) if w.world > 1 else self.model
+        shard, shards = shard_of(
+            w.group, self.spec.groups, w.rank, w.world, self.spec.training.data_sharding
+        )
+        self.data = self.task.train_data(shard, shards)
+        log.info("group %d rank %d of %d: shard %d of %d shards, starting at step %d",
+                 w.group, w.rank, w.world, shard, shards, self.start)
+        batches = self.task.eval_data(self.spec.training.batch_size, self.spec.training.eval_batches)
+        self.eval_batches = batches[w.rank :: w.world]
+        self.teachers = self._teachers()
+
+    def _resume(self) -> int:
+        saved = resume.load_latest(self.states)
+        if saved is None:
+            return 0
+        step = resume.restore(saved, self.model, self.opt, self.sched, self.w.rank)
+        self.progress.history = list(saved.get("history", []))
+        self.progress.resumed_from = self.progress.step = step
+        log.info("group %d rank %d resumed from step %d", self.w.group, self.w.rank, step)
+        return step
+
+    def _teachers(self) -> Teachers | None:
+        peers = [g for g in range(self.spec.groups) if g != self.w.group]
+        if not peers:
+            return None
+        poller = PeerPoller(
+            self.w.bucket, peers, self.spec.distillation.poll_interval_seconds
+        ).start()
+        return Teachers(self.task, poller, self.spec.distillation.max_staleness_steps, self.w.device)
+
+    def step(self, step: int) -> None:
+        d, t = self.spec.distillation, self.spec.training
+        batch = to_device(self.data.batch(step, t.batch_size, t.seed), self.w.device)
+        out = self.task.forward(self.ddp, batch)
+        task_loss = self.task.loss(out, batch)
+        peers: list[int] = []
+        if self.teachers and distills(step, d):
+            # The teachers see the student's own batch; every rank of the group draws the same
+            # peers, so the ranks stay in step.
+            peers = sample(self.teachers.usable(step), d.teachers, t.seed, step)
+        teacher_logits = self.teachers.logits(batch, peers) if peers else []
+        stale = max((step - self.teachers.steps[p] for p in peers), default=None)
+        loss, term = codistill_loss(task_loss, self.task.logits(out), teacher_logits,
+                                    weight=d.weight, temperature=d.temperature, kind=d.loss)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # DDP all-reduces the gradients inside the group here
+        # One small all-reduce per step: the group's mean losses for progress, and a loss every
+        # rank agrees on, so the finiteness check below stops all ranks together or none.
+        total, task_mean, term_mean, used = dist.mean(
+            [loss.item(), task_loss.item(), term.item() if term is not None else 0.0,
+             float(term is not None)]
+        )
+        # After backward (the loss is known) and before clipping and the optimizer step: a NaN
+        # must never reach the weights, and the last good state stays in the bucket.
+        if not math.isfinite(total):
+            raise NonFiniteLoss(f"group {self.w.group} step {step}: loss is {total}; stopping "
+                                f"before the optimizer step (last state is kept in the bucket)")
+        if t.optimizer.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), t.optimizer.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.progress.add(step + 1, t.batch_size * self.w.world, staleness=stale, loss=total,
+                          taskLoss=task_mean, distillLoss=term_mean if used else None)
+
+    def after_step(self, done: int) -> None:
+        """Periodic work at the boundary after `done` steps.
+
+        Every rank runs this in the same order, because refresh (two MIN all-reduces), evaluate
+        (one all-reduce) and save (an all-gather of RNG states) are collectives. Publishing comes
+        before refreshing so a peer's reload at this same step can already see this step's
+        weights; the progress record comes last so it shows this step's eval and publish.
+        """
+        t, d = self.spec.training, self.spec.distillation
+        if self.teachers and done % d.exchange_every_steps == 0:
+            self.publish(done)
+        if self.teachers and done % d.reload_every_steps == 0:
+            self.teachers.refresh()
+        if done % t.eval_every_steps == 0 or done == t.steps:
+            loss, acc = evaluate(self.task, self.model, self.eval_batches, self.w.device)
+            self.progress.record_eval(done, loss, acc)
+        if done % t.checkpoint_every_steps == 0 or done == t.steps:
+            self.save(done)
+        if done % PROGRESS_EVERY == 0 or done == t.steps:
+            self.progress.record()
+            self.report_progress()
+
+    def publish(self, done: int) -> None:
+        if self.w.rank != 0:
+            return
+        self.submitted = done
+        weights = resume.cpu_copy(self.model.state_dict())  # at this boundary, off the GPU
+
+        def job() -> None:
+            self.published = self.publisher.publish(done, weights_to_bytes(weights, done))
+            self.progress.last_published = done
+
+        self.uploader.submit("teacher", job)
+
+    def save(self, done: int) -> None:
+        rng = resume.rng_states()  # collective
+        if self.w.rank != 0:
+            return
+        snap = resume.snapshot(self.model, self.opt, self.sched, done, self.progress.history, rng)
+        self.uploader.submit("state", lambda: self.states.publish(done, state_to_bytes(snap)))
+
+    def warnings(self) -> list[str]:
+        found = list(self.uploader.errors.values())
+        if self.teachers:
+            found += list(self.teachers.warnings.values()) + list(self.teachers.poller.warnings.values())
+        return found
+
+    def report_progress(self) -> None:
+        if self.w.rank != 0:
+            return
+        teachers = self.teachers.steps if self.teachers else {}
+        stale = self.teachers.staleness(self.progress.step) if self.teachers else {}
+        doc = self.progress.snapshot(dict(teachers), stale, self.warnings())
+        self.uploader.submit("progress", lambda: self.folder.write_progress(doc))
+
+    def run(self) -> None:
+        self.progress.state = "training"
+        self.report_progress()
+        if self.teachers and self.start:
+            self.teachers.refresh()
+        self.model.train()
+        try:
+            for step in range(self.start, self.spec.training.steps):
+                self.step(step)
+                self.after_step(step + 1)
+        except Exception:
+            self.progress.state = "failed"  # say so where status and the operator look
+            self.report_progress()
+            self.uploader.close(timeout=30)
+            raise
+        finally:
+            if self.teachers:
+                self.teachers.poller.stop()
+        self.finish()
+
+    def finish(self) -> None:
+        """Publish the final teacher and state, mark the group finished, maybe write the report."""
+        steps = self.spec.training.steps
+        if self.w.rank == 0:
+            if self.submitted != steps:  # groups: 1 publishes only its final model (for the report)
+                self.publish(steps)
+            self.uploader.flush()
+            self.progress.state = "finished"
+            self.report_progress()
+            self.uploader.close()
+            teacher = asdict(self.published) if self.published else None
+            self.folder.write_final(self.w.group, Final(
+                step=steps, eval_loss=self.progress.eval.get("evalLoss"),
+                eval_accuracy=self.progress.eval.get("evalAccuracy"), teacher=teacher,
+            ))
+        else:
+            self.uploader.close()
