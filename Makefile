@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST ?= -q
 
-.PHONY: install data demo test e2e clean
+.PHONY: install data demo test lint e2e clean
 
 $(STAMP): pyproject.toml requirements/all.lock
 	python3 -m venv $(VENV)
@@ -21,8 +21,11 @@ data: install
 demo: data
 	$(VENV)/bin/codistill run examples/quickstart.yaml --fresh
 
-test: install
+test: lint
 	$(PY) -m pytest $(PYTEST)
+
+lint: install
+	$(VENV)/bin/ruff check --quiet trainer operator tests bench
 
 # The whole production path on one machine (also part of `make test`): kubectl apply -> operator
 # -> PyTorchJobs -> trainers -> bucket -> status, against kmock's API server and moto's S3 server.

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from codistill_trainer import report
 from matplotlib.figure import Figure
 
 from bench import common, sim
+from codistill_trainer import report
 
 SCHEMA: common.Schema = {"tasks": {"*": {
     "baseline_churn": {"mad": {}, "flip": {}},

@@ -26,9 +26,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from codistill.net import free_port
 from codistill.storage import Bucket
-from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from codistill.storage import Bucket
-from codistill_trainer import exchange
 from matplotlib.figure import Figure
 
 from bench import common, sim
+from codistill.storage import Bucket
+from codistill_trainer import exchange
 
 SCHEMA: common.Schema = {"publish_vs_raw": {"*": {"*": {}}}, "fetch_vs_raw": {"*": {"*": {}}},
                          "cross_group": {"*": {"sent_bytes_per_step": {},

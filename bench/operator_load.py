@@ -35,13 +35,13 @@ from typing import Any
 
 import attrs
 import kmock
+from matplotlib.figure import Figure
+
+from bench import common
 from codistill import names
 from codistill.net import free_port
 from codistill.storage import Bucket
 from codistill_operator.settings import Config
-from matplotlib.figure import Figure
-
-from bench import common
 from tests.support import kube  # the API emulator the operator's tests use
 from tests.support.kube import JOBS, RUNS, SECRETS, Cluster, wait_for
 

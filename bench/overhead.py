@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from codistill.storage import Bucket
-from codistill_trainer import loop as train
 from matplotlib.figure import Figure
 
 from bench import common, sim
+from codistill.storage import Bucket
+from codistill_trainer import loop as train
 
 SCHEMA: common.Schema = {"exchange_overhead_fraction": {"*": {}}, "teacher_cost_ratio": {"*": {}},
                          "groups": {"*": {"iteration_s": {}, "parts_s": {}}}}

@@ -29,6 +29,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+
 from codistill import spec
 from codistill.storage import Bucket
 from codistill_trainer import loop as train

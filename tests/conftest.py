@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from codistill.net import free_port
 
 from .support.kube import SECRETS, Cluster, Operator, secret

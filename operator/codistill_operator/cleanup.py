@@ -7,8 +7,9 @@ operator posts a Warning naming the folder and lets the resource go.
 
 from __future__ import annotations
 
-from codistill.storage import StorageError
 from kubernetes.client.exceptions import ApiException
+
+from codistill.storage import StorageError
 
 from . import bucket
 from .errors import MissingSecret, Retry

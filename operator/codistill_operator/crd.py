@@ -14,9 +14,10 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+
 from codistill.names import API_GROUP, API_VERSION, KIND, PLURAL
 from codistill.spec import DNS1035, Spec
-from pydantic import BaseModel
 
 from .status.schema import RunStatus
 

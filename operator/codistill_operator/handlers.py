@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+
 from codistill import names
 from codistill.names import API_GROUP, API_VERSION, KIND, PLURAL
 

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import kubernetes
+from kubernetes.client.exceptions import ApiException
+
 from codistill import names
 from codistill.names import API_GROUP, API_VERSION, KIND, PLURAL
-from kubernetes.client.exceptions import ApiException
 
 from .names import COMPONENT
 

@@ -1,4 +1,4 @@
-"""Names private to the operator; the shared ones (API group, labels, env) are in codistill.names."""
+"""Names private to the operator; shared ones (API group, labels, env) are in codistill.names."""
 
 from codistill.names import API_GROUP, MANAGED_BY
 

@@ -9,10 +9,11 @@ import re
 from typing import Any
 
 import fsspec
+from pydantic import ValidationError
+
 from codistill import names
 from codistill.names import KIND
 from codistill.spec import Codistillation, SpecError, describe, parse
-from pydantic import ValidationError
 
 from .errors import MissingSecret
 

@@ -18,8 +18,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from codistill import names, spec
 
+from codistill import names, spec
 from tests.support.crdschema import as_json_schema
 from tests.support.helm import (
     CHART,

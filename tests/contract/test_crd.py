@@ -13,10 +13,10 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from codistill import spec
-from codistill_operator import crd, validate
 from pydantic import BaseModel
 
+from codistill import spec
+from codistill_operator import crd, validate
 from tests.support.crdschema import INVALID, corpus_entry, validator, version_schema
 
 ROOT = Path(__file__).resolve().parents[2]

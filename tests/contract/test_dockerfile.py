@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from codistill import pytorchjob
 from codistill_trainer import datasets
 from codistill_trainer.cli import commands as cli

@@ -1,6 +1,7 @@
 """Running a PyTorchJob as the Training Operator would: replicas and their environment."""
 
 import pytest
+
 from codistill import pytorchjob, spec
 from codistill_trainer.cli import kubeflow
 

@@ -14,11 +14,11 @@ import urllib.request
 from typing import Any
 
 import pytest
+
 from codistill import names
 from codistill.net import free_port
 from codistill.storage import Bucket
 from codistill_operator.names import FINALIZER, SPEC_HASH
-
 from tests.support.crdschema import INVALID, assert_meets_webhook, corpus_entry, kubeflow, validator
 from tests.support.kube import JOBS, RUNS, SECRETS, Cluster, Operator, manifest, secret, wait_for
 from tests.support.s3 import S3_KEY, S3_SECRET

@@ -8,6 +8,7 @@ from typing import Any
 
 import jsonpatch
 import pytest
+
 from codistill import names
 from codistill.runfolder import Progress
 from codistill.spec import SpecError, parse
@@ -16,7 +17,6 @@ from codistill_operator import children, metrics, validate
 from codistill_operator.settings import Config
 from codistill_operator.status import observe
 from codistill_operator.status.schema import GroupStatus, RunStatus
-
 from tests.support.crdschema import assert_meets_webhook, kubeflow
 from tests.support.kube import manifest
 
@@ -268,7 +268,6 @@ def test_ready_changes_are_announced_with_their_message() -> None:
 
 def test_status_round_trips_through_its_schema() -> None:
     from codistill_operator import crd
-
     from tests.support.crdschema import validator
 
     status = observe.observe(RunStatus(), seen({0: RUNNING}, {0: progress(5, 1.0)}, groups=1))

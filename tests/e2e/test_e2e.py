@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 import yaml
-from codistill.net import free_port
 
+from codistill.net import free_port
 from tests.e2e.training_operator import TrainingOperator
 from tests.support.datafixtures import make_tiny_data
 from tests.support.kube import JOBS, RUNS, Cluster, wait_for

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubernetes import client
+
 from codistill import names
 from codistill.net import free_port
 from codistill_trainer.cli import kubeflow
-from kubernetes import client
 
 log = logging.getLogger("training-operator")
 GROUP, VERSION, PLURAL = names.KUBEFLOW_GROUP, names.KUBEFLOW_VERSION, names.PYTORCHJOB_PLURAL

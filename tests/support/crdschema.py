@@ -10,6 +10,7 @@ from typing import Any
 
 import jsonschema
 import yaml
+
 from codistill import names
 from codistill.spec import DNS1035
 from codistill_operator import crd

@@ -34,9 +34,10 @@ import attrs
 import jsonpatch
 import jsonpointer
 import kmock
+from kmock._internal import dicts, enums
+
 from codistill import names
 from codistill.net import free_port
-from kmock._internal import dicts, enums
 
 from . import tables
 from .s3 import S3_KEY, S3_SECRET
@@ -319,6 +320,7 @@ class Operator:
 
     def __init__(self, **config: Any):
         import kopf
+
         from codistill_operator import handlers
         from codistill_operator.settings import Config
 

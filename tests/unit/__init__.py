@@ -1,1 +1,1 @@
-"""Pure parts, each alone: spec, loss, teachers, exchange, tasks, data, report, tables, loop, CLI."""
+"""Pure parts, each alone: spec, loss, teachers, exchange, tasks, data, report, tables, loop."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from codistill_trainer.cli import commands as cli
 
+from codistill_trainer.cli import commands as cli
 from tests.support.datafixtures import make_tiny_data
 from tests.support.localrun import workers_of
 
@@ -86,3 +86,19 @@ def test_run_folder_refuses_a_different_spec(tmp_path, capsys, monkeypatch):
         launch.prepare(other, bucket, fresh=False)
     launch.prepare(other, bucket, fresh=True)
     assert bucket.get_json("run.json")["spec"]["groups"] == 3
+
+
+def test_worker_refuses_a_job_that_disagrees_with_the_run_folder(tmp_path, monkeypatch):
+    from codistill import names, spec
+    from codistill.storage import Bucket
+    from codistill_trainer import worker
+    from codistill_trainer.cli import launch
+
+    run = spec.parse(manifest(tmp_path))  # groups: 2 by default
+    bucket = Bucket(launch.local_run_url(run, tmp_path))
+    launch.prepare(run, bucket, fresh=False)
+    monkeypatch.setenv(names.ENV_RUN_URL, bucket.url)
+    monkeypatch.setenv(names.ENV_GROUP, "0")
+    monkeypatch.setenv(names.ENV_GROUPS, "3")
+    with pytest.raises(SystemExit, match="CODISTILL_GROUPS=3 but .* has groups 2"):
+        worker.main()

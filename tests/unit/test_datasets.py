@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from codistill_trainer import datasets
 
 REVIEWS = ["Love  this\ndress!", None, "   ", "so soft " * 20, "zq"]

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+
 from codistill.spec import Distillation
 from codistill_trainer.distill import codistill_loss, distill_loss, teacher_probs
 from codistill_trainer.loop import distills

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from codistill import names
 from codistill.storage import Bucket
 from codistill_trainer.exchange import (

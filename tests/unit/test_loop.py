@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+
 from codistill import spec
 from codistill.storage import Bucket
 from codistill_trainer.loop import Loop, Member, build_optimizer
 from codistill_trainer.tasks import resolve
-
 from tests.support.datafixtures import make_tiny_data
 
 
@@ -70,6 +70,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
     import pytest
+
     from codistill_trainer.loop import NonFiniteLoss
 
     trainer = loop(tmp_path, run_spec(tmp_path, steps=10))

@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from codistill.runfolder import Progress, RunFolder
 from codistill.storage import Bucket
 from codistill_trainer import report
 from codistill_trainer.tasks.base import Batch, Task
-from torch import nn
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,7 @@
 """The run spec: defaults, and errors that name the field."""
 
 import pytest
+
 from codistill import spec
 
 BASE = {"apiVersion": "codistill.io/v1alpha1", "kind": "Codistillation", "metadata": {"name": "x"}}

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from rich.console import Console
+from rich.table import Table
+
 from codistill import names, spec
 from codistill.runfolder import UNREADABLE, Progress, Report, RunFolder
 from codistill.storage import Bucket
 from codistill_trainer import tables
-from rich.console import Console
-from rich.table import Table
 
 RUN = spec.parse({
     "apiVersion": "codistill.io/v1alpha1", "kind": "Codistillation",

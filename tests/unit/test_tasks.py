@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+
 from codistill.spec import SpecError
 from codistill_trainer import datasets
 from codistill_trainer.tasks import Task, resolve
 from codistill_trainer.tasks.ctr import RowShard, Table
 from codistill_trainer.tasks.lm import TextShard
-
 from tests.support.datafixtures import make_tiny_data
 
 SMALL = {

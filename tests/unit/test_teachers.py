@@ -3,12 +3,13 @@
 import threading
 
 import torch
+from torch import nn
+
 from codistill.storage import Bucket
 from codistill_trainer.exchange import teacher_channel, weights_to_bytes
 from codistill_trainer.shards import bounds, generator, shard_of
 from codistill_trainer.teachers import PeerPoller, Teachers, sample
 from codistill_trainer.uploader import Uploader
-from torch import nn
 
 
 class Linear(nn.Module):

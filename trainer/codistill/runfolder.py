@@ -85,7 +85,8 @@ class Progress(_File):
     @classmethod
     def parse(cls, doc: Any, group: int, where: str = "progress.json") -> Progress:
         if not isinstance(doc, dict):
-            return cls.unreadable(group, f"{where}: expected a JSON object, got {type(doc).__name__}")
+            got = type(doc).__name__
+            return cls.unreadable(group, f"{where}: expected a JSON object, got {got}")
         try:
             return cls.model_validate(doc)
         except ValidationError as e:

@@ -1,6 +1,6 @@
 """The run spec: a `Codistillation` manifest read, defaulted and validated.
 
-One module of the contract that the local launcher, the trainer and the operator all import, so a field
+The contract's module that the local launcher, the trainer and the operator all import, so a field
 means the same thing everywhere. The pydantic models below are the single source of truth: the
 CRD's openAPIV3Schema is generated from them (field names are the CR's camelCase API), and every
 error names the field it is about, e.g. ``spec.distillation.temperature``.

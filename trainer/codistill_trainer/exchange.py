@@ -21,11 +21,12 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
 from codistill import names
 from codistill.runfolder import CorruptCheckpoint, Pointer
 from codistill.storage import Bucket
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 
 class Channel:

@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
 from codistill.runfolder import Final, Pointer, RunFolder
 from codistill.spec import Codistillation, Distillation, Training
 from codistill.storage import Bucket
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from . import dist, resume
 from .distill import codistill_loss

@@ -16,11 +16,12 @@ import itertools
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
+from torch import nn
+
 from codistill import names
 from codistill.runfolder import Progress, Report, RunFolder
 from codistill.spec import Codistillation
-from matplotlib.figure import Figure
-from torch import nn
 
 from . import tables
 from .exchange import teacher_channel, weights_from_bytes

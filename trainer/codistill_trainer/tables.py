@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
 from codistill import names
 from codistill.runfolder import UNREADABLE, Progress, Report, RunFolder
 from codistill.spec import Spec
 from codistill.storage import StorageError
-from rich import box
-from rich.table import Table
-from rich.text import Text
 
 WAITING = "waiting"
 STATE_STYLES = {

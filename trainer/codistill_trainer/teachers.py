@@ -14,8 +14,9 @@ import threading
 from collections.abc import Sequence
 
 import torch
-from codistill.storage import Bucket, StorageError
 from torch import nn
+
+from codistill.storage import Bucket, StorageError
 
 from . import dist
 from .exchange import CorruptCheckpoint, teacher_channel, weights_from_bytes

@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
 from codistill import names
 from codistill.runfolder import RunFolder
 from codistill.storage import Bucket
@@ -69,6 +70,10 @@ def main() -> None:
     run = folder.read_run()
     if run is None:
         raise SystemExit(f"codistill worker: {folder.where(names.RUN_JSON)} does not exist")
+    if int(os.environ.get(names.ENV_GROUPS, run.spec.groups)) != run.spec.groups:
+        raise SystemExit(f"codistill worker: {names.ENV_GROUPS}={os.environ[names.ENV_GROUPS]} "
+                         f"but {folder.where(names.RUN_JSON)} has groups {run.spec.groups}: the "
+                         f"job and the run folder disagree")
     device = _device()
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -11,10 +11,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from codistill import names
-from codistill.storage import StorageError
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
+
+from codistill import names
+from codistill.storage import StorageError
 
 from .. import bucket
 from ..errors import MissingSecret

@@ -1,5 +1,5 @@
-"""The `codistill` command (`commands`) and the local launcher behind `codistill run`: it runs the
-same PyTorchJobs the operator creates (`launch`), the way the Training Operator would (`kubeflow`)."""
+"""The `codistill` command (`commands`) and the local launcher behind `codistill run`: it runs
+the PyTorchJobs the operator creates (`launch`), as the Training Operator would (`kubeflow`)."""
 
 from .commands import main
 

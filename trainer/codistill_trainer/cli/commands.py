@@ -6,10 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from rich.console import Console
+
 from codistill import names, spec
 from codistill.runfolder import RunFolder
 from codistill.storage import Bucket, StorageError
-from rich.console import Console
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 

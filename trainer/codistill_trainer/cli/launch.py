@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.live import Live
+
 from codistill import names
 from codistill.net import free_port
 from codistill.pytorchjob import render_jobs
 from codistill.runfolder import RunFolder
 from codistill.spec import Codistillation, SpecError
 from codistill.storage import Bucket
-from rich.console import Console
-from rich.live import Live
 
 from .. import tables
 from . import kubeflow

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 from codistill.spec import SpecError
-
 from codistill_trainer.tasks.base import Batch, Task, TrainData
 
 BUILTINS = {

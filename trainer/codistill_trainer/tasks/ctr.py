@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from codistill.spec import SpecError
 from torch import nn
 from torch.nn import functional as F
 
+from codistill.spec import SpecError
 from codistill_trainer import datasets, shards
 from codistill_trainer.tasks import int_arg
 from codistill_trainer.tasks.base import Batch, Task, TrainData

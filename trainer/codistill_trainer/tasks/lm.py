@@ -13,10 +13,10 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from codistill.spec import SpecError
 from torch import nn
 from torch.nn import functional as F
 
+from codistill.spec import SpecError
 from codistill_trainer import datasets, shards
 from codistill_trainer.tasks import int_arg
 from codistill_trainer.tasks.base import Batch, Task, TrainData
