@@ -220,6 +220,12 @@ def test_restarts_count_transitions_not_observations() -> None:
     assert status.groups[0].restarts == 2
 
 
+def test_restarts_the_trainer_counted_are_shown_even_if_never_seen_restarting() -> None:
+    status = observe.observe(RunStatus(), seen({0: RUNNING}, {0: progress(5, 1.0, restarts=3)},
+                                               groups=1))
+    assert status.groups[0].restarts == 3
+
+
 def test_unreadable_bucket_keeps_the_last_progress_and_bad_files_are_reported() -> None:
     before = observe.observe(RunStatus(), seen({0: RUNNING}, {0: progress(50, 1.5)}, groups=1))
     after = observe.observe(before, seen({0: RUNNING}, None, groups=1))

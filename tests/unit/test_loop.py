@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from codistill import spec
+from codistill.runfolder import RunFolder
 from codistill.storage import Bucket
 from codistill_trainer.loop import Loop, Member, build_optimizer
 from codistill_trainer.tasks import resolve
@@ -57,13 +58,17 @@ def test_resume_continues_exactly(tmp_path):
     full = loop(tmp_path / "a", run_spec(tmp_path, steps=10))
     full.run()
     killed = loop(tmp_path / "b", run_spec(tmp_path, steps=10))
+    killed.report_progress()  # as run() does first
     for step in range(7):  # dies after step 7; its last saved state is step 5
         killed.step(step)
         killed.after_step(step + 1)
     killed.uploader.close()
+    assert killed.progress.restarts == 0
     resumed = loop(tmp_path / "b", run_spec(tmp_path, steps=10))
     assert resumed.start == 5 and resumed.progress.resumed_from == 5
+    assert resumed.progress.restarts == 1  # counted by the trainer, from its own progress file
     resumed.run()
+    assert RunFolder(resumed.w.bucket).progress(0).restarts == 1
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
 

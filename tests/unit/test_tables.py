@@ -21,7 +21,7 @@ TRAINING = {
     "group": 0, "step": 120, "steps": 600, "state": "training", "loss": 2.1, "taskLoss": 1.9,
     "distillLoss": 0.2, "evalLoss": 2.05, "evalAccuracy": 0.41,
     "teachers": {"10": 90, "2": 100}, "staleness": {"10": 30, "2": 20}, "lastPublished": 100,
-    "examplesPerSec": 812.0, "time": 1764250000.0, "resumedFrom": 40,
+    "examplesPerSec": 812.0, "time": 1764250000.0, "resumedFrom": 40, "restarts": 1,
     "warnings": ["old one", "[s3] peer 2 teacher is stale"], "history": [],
 }
 

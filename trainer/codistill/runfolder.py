@@ -74,6 +74,7 @@ class Progress(_File):
     examples_per_sec: float | None = None
     time: float | None = None
     resumed_from: int | None = None
+    restarts: int = 0  # times this group's rank 0 started again after a first start
     warnings: list[str] = []
     history: list[dict[str, Any]] = []
 

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from codistill.runfolder import Final, Pointer, RunFolder
 from codistill.spec import Codistillation, Distillation, Training
-from codistill.storage import Bucket
+from codistill.storage import Bucket, StorageError
 
 from . import dist, resume
 from .distill import codistill_loss
@@ -127,6 +127,7 @@ class Loop:
         self.submitted = -1  # last step whose weights were handed to the uploader
         self.published: Pointer | None = None  # the last publish that landed
         self.start = self._resume()
+        self.progress.restarts = self._restarts()
         self.ddp = DistributedDataParallel(self.model) if w.world > 1 else self.model
         shard, shards = shard_of(
             w.group, self.spec.groups, w.rank, w.world, self.spec.training.data_sharding
@@ -147,6 +148,19 @@ class Loop:
         self.progress.resumed_from = self.progress.step = step
         log.info("group %d rank %d resumed from step %d", self.w.group, self.w.rank, step)
         return step
+
+    def _restarts(self) -> int:
+        """Counted by the trainer itself, from its own last progress file, so a restart shows in
+        status however briefly the job was seen restarting (or whether it was seen at all)."""
+        if self.w.rank != 0:
+            return 0
+        try:
+            previous = self.folder.progress(self.w.group)
+        except StorageError as e:
+            log.warning("group %d: previous progress not read (%s); restarts counted from 0",
+                        self.w.group, e)
+            return 0
+        return 0 if previous is None else previous.restarts + 1
 
     def _teachers(self) -> Teachers | None:
         peers = [g for g in range(self.spec.groups) if g != self.w.group]

@@ -23,6 +23,7 @@ class ProgressMeter:
         self.state = "starting"
         self.step = 0
         self.resumed_from: int | None = None
+        self.restarts = 0
         self.last_published: int | None = None
         self.eval: dict[str, float] = {}
         self._sums: dict[str, float] = {}
@@ -85,6 +86,7 @@ class ProgressMeter:
             examples_per_sec=round(self.rate, 2),
             time=time.time(),
             resumed_from=self.resumed_from,
+            restarts=self.restarts,
             warnings=warnings,
             history=[dict(h) for h in self.history],
         )

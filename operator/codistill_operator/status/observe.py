@@ -71,6 +71,7 @@ def group_status(seen: Observed, g: int, previous: GroupStatus | None) -> GroupS
     if seen.progress is None and previous is not None:
         return previous.model_copy(update=known)
     p = (seen.progress or {}).get(g) or Progress(group=g)
+    known["restarts"] = max(restarts, p.restarts)  # the trainer counts every restart it made
     stale = sorted(peer for peer, lag in p.staleness.items() if lag > seen.max_staleness)
     return GroupStatus(
         group=g, job=names.job_name(seen.name, g), state=p.state, step=p.step, steps=p.steps,

@@ -58,7 +58,10 @@ class GroupStatus(_Model):
         default_factory=list, description="Peers behind by more than maxStalenessSteps."
     )
     last_published: int | None = Field(None, description="Last step published for the peers.")
-    restarts: int = Field(0, description="Times the job was seen restarting.")
+    restarts: int = Field(
+        0, description="Times the group restarted: counted by its trainer on every resume, or "
+        "seen in the job's conditions, whichever is more."
+    )
     examples_per_sec: float | None = Field(None, description="Training throughput.")
     progress_time: str | None = Field(None, description="When progress.json was last written.")
     warnings: list[str] = Field(default_factory=list, description="The trainer's warnings.")
