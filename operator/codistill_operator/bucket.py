@@ -18,6 +18,7 @@ from .k8s import Api
 from .status.schema import RunStatus
 
 TIMEOUT_S = 10.0  # per S3 request: a hung bucket must not hold a status sweep
+ARCHIVED = ".previous-"  # <run folder>.previous-<uid>: an earlier run of the same name
 
 
 def credentials(api: Api, namespace: str, secret: str | None) -> dict[str, str]:
@@ -39,17 +40,24 @@ def applied_folder(api: Api, namespace: str, status: RunStatus) -> RunFolder | N
     return open_folder(status.bucket, fields.get("storage.endpoint"), keys)
 
 
-def write_run(folder: RunFolder, run: Codistillation) -> bool:
-    """Create the bucket if missing and write run.json once per generation; True if written."""
+def write_run(folder: RunFolder, run: Codistillation) -> str | None:
+    """Create the bucket if missing and write run.json once per generation.
+
+    A run.json of another resource of this name (deleted and created again: another uid) does
+    not belong to this run: the whole folder is first archived beside it, so the new run starts
+    fresh and the old one's state is kept. Returns where it went, or None."""
     folder.bucket.ensure()
     try:
         current = folder.read_run()
     except SpecError:  # unreadable: replaced by the spec in force
         current = None
-    if current is not None and current.metadata.generation == run.metadata.generation:
-        return False
-    folder.write_run(run)
-    return True
+    archived = None
+    if current is not None and current.metadata.uid not in (None, run.metadata.uid):
+        archived = folder.bucket.archive(f"{ARCHIVED}{current.metadata.uid}")
+        current = None
+    if current is None or current.metadata.generation != run.metadata.generation:
+        folder.write_run(run)
+    return archived
 
 
 def read_progress(folder: RunFolder, groups: int) -> dict[int, Progress]:

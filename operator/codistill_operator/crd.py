@@ -30,9 +30,12 @@ RULES: dict[str, list[dict[str, str]]] = {
             "from it)",
         },
         {
-            "rule": "size(self.metadata.name) + 2 + size(string(self.spec.groups - 1)) <= 63",
-            "message": "metadata.name is too long: job names <name>-g<group> must have at most "
-            "63 characters",
+            # names.longest_name: <name>-g<G-1>-worker-<W-2>, or <name>-g<G-1>-master-0
+            "rule": "size(self.metadata.name) + 2 + size(string(self.spec.groups - 1)) + "
+            "(self.spec.workersPerGroup > 1 ? 8 + size(string(self.spec.workersPerGroup - 2)) "
+            ": 9) <= 63",
+            "message": "metadata.name is too long: the Training Operator's Services "
+            "<name>-g<group>-worker-<index> must have at most 63 characters",
         },
     ],
     "spec": [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -82,10 +83,15 @@ class Api:
             *KUBEFLOW[:2], namespace, KUBEFLOW[2], name
         ))
 
-    def create_job(self, namespace: str, job: dict[str, Any]) -> bool:
-        """Create; False when a job of that name already exists (a re-delivered event)."""
+    def create_job(self, namespace: str, job: dict[str, Any], dry_run: bool = False) -> bool:
+        """Create; False when a job of that name already exists (a re-delivered event).
+
+        `dry_run`: the API server (schema, webhooks, admission) judges it and stores nothing."""
+        extra = {"dry_run": "All"} if dry_run else {}
         try:
-            self.custom.create_namespaced_custom_object(*KUBEFLOW[:2], namespace, KUBEFLOW[2], job)
+            self.custom.create_namespaced_custom_object(
+                *KUBEFLOW[:2], namespace, KUBEFLOW[2], job, **extra
+            )
             return True
         except ApiException as e:
             if e.status == 409:
@@ -135,6 +141,14 @@ class Api:
             "lastTimestamp": stamp,
             "count": 1,
         })
+
+
+def api_message(error: ApiException) -> str:
+    """The API server's own message (it names the field), else the HTTP reason."""
+    try:
+        return str(json.loads(error.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(error.reason)
 
 
 def owner_uid(obj: dict[str, Any]) -> str | None:

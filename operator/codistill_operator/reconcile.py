@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from codistill import names
+from codistill.runfolder import RunFolder
 from codistill.spec import Codistillation, SpecError
 from codistill.storage import StorageError
 
 from . import bucket, children, validate
 from .errors import JobConflict, MissingSecret, Retry
-from .k8s import owner_uid
+from .k8s import api_message, owner_uid
 from .runtime import State
-from .status.observe import set_condition
+from .status.observe import TERMINAL, set_condition
 from .status.schema import Applied, RunStatus
 from .status.write import current, post, write
 
@@ -84,11 +87,20 @@ def _apply(state: State, body: dict[str, Any], run: Codistillation, keys: dict[s
     namespace, generation = run.metadata.namespace, run.metadata.generation
     storage = run.spec.storage
     url = names.run_url(storage.url, namespace, run.metadata.name)
+    want = children.desired(run, body, url)
+    problem = _refused_by_api(state, namespace, want)
+    if problem:
+        record(state, body, False, "InvalidSpec", problem)
+        return "invalid"
     try:
-        bucket.write_run(bucket.open_folder(url, storage.endpoint, keys), run)
+        folder = bucket.open_folder(url, storage.endpoint, keys)
+        archived = bucket.write_run(folder, run)
     except StorageError as e:
         record(state, body, False, "StorageUnavailable", str(e))
         raise Retry(str(e)) from None
+    if archived:
+        post(state, body, "Normal", "RunFolderArchived", f"{url} held an earlier run of this "
+             f"name; moved to {archived}, this run starts fresh")
     d = run.spec.distillation
     applied = Applied(generation=generation, fields=validate.frozen(run),
                       burn_in_steps=d.burn_in_steps, max_staleness_steps=d.max_staleness_steps)
@@ -96,7 +108,7 @@ def _apply(state: State, body: dict[str, Any], run: Codistillation, keys: dict[s
     # knows what the jobs hold, and refuses an immutable change made in the meantime.
     record(state, body, None, applied=applied, url=url)
     try:
-        _converge(state, body, run, url)
+        _converge(state, body, run, folder, want)
     except JobConflict as e:
         record(state, body, False, "JobConflict", str(e))
         raise Retry(str(e)) from None
@@ -105,12 +117,43 @@ def _apply(state: State, body: dict[str, Any], run: Codistillation, keys: dict[s
     return "applied"
 
 
-def _converge(state: State, body: dict[str, Any], run: Codistillation, url: str) -> None:
-    """Exactly `groups` jobs, each matching the current rendering."""
+def _refused_by_api(state: State, namespace: str, want: list[dict[str, Any]]) -> str | None:
+    """Why the API server (the job CRD's schema, the Training Operator's webhook, admission)
+    would refuse a job as rendered, asked by a dry run before anything is written; None if not.
+    Such a spec can never run, so it is refused once instead of retried forever."""
+    for job in want:
+        try:
+            state.api.create_job(namespace, job, dry_run=True)
+        except ApiException as e:
+            if e.status not in (400, 422):
+                raise
+            reason = api_message(e)
+            return f"spec: the PyTorchJob {job['metadata']['name']} it renders is refused: {reason}"
+    return None
+
+
+def _finished(folder: RunFolder, body: dict[str, Any], missing: list[str]) -> set[str]:
+    """The jobs among `missing` whose group has finished (status, or its final.json): a job
+    removed after the end (ttlSecondsAfterFinished) must not be created again."""
+    groups = {names.job_name(body["metadata"]["name"], g.group): g for g in current(body).groups}
+    done = set()
+    for name in missing:
+        seen = groups.get(name)
+        group = int(name.rsplit("-g", 1)[1])
+        if (seen and seen.phase in TERMINAL) or folder.final(group) is not None:
+            done.add(name)
+    return done
+
+
+def _converge(state: State, body: dict[str, Any], run: Codistillation, folder: RunFolder,
+              want: list[dict[str, Any]]) -> None:
+    """Exactly one job per unfinished group, each matching the current rendering."""
     api, namespace = state.api, run.metadata.namespace
-    want = children.desired(run, body, url)
     have = api.list_jobs(namespace, body)
-    plan = children.plan(want, have)
+    present = {j["metadata"]["name"] for j in have}
+    done = _finished(folder, body, [j["metadata"]["name"] for j in want
+                                    if j["metadata"]["name"] not in present])
+    plan = children.plan([j for j in want if j["metadata"]["name"] not in done], have)
     created = []
     for job in plan.create:
         name = job["metadata"]["name"]
@@ -138,8 +181,8 @@ def _announce(state: State, body: dict[str, Any], run: Codistillation, created: 
         before = {j["metadata"]["name"]: children.suspended(j) for j in have}
         flipped = any(before.get(name, suspend) != suspend for name, _ in plan.update)
         reason = ("Suspended" if suspend else "Resumed") if flipped else "JobsUpdated"
-        names = ", ".join(name for name, _ in plan.update)
-        post(state, body, "Normal", reason, f"{UPDATED[reason]} PyTorchJobs {names} to generation "
+        updated = ", ".join(name for name, _ in plan.update)
+        post(state, body, "Normal", reason, f"{UPDATED[reason]} PyTorchJobs {updated} to generation "
              f"{run.metadata.generation} (running pods pick up other changes when restarted)")
     if plan.delete:
         post(state, body, "Normal", "JobsDeleted", f"deleted PyTorchJobs {', '.join(plan.delete)}")

@@ -111,10 +111,15 @@ def frozen(run: Codistillation) -> dict[str, Any]:
 
 
 def changed(applied: dict[str, Any], run: Codistillation) -> list[str]:
-    """`spec.<field>: applied -> requested` for each immutable field the spec changes."""
+    """`spec.<field>: applied -> requested` for each immutable field the spec changes.
+
+    A field missing from `applied` was null: the API server's merge patch of the status drops
+    null members, so absent means unset, and setting it later is a change like any other."""
+    if not applied:
+        return []
     now = frozen(run)
     return [
-        f"spec.{path}: {applied[path]!r} -> {now[path]!r}"
+        f"spec.{path}: {applied.get(path)!r} -> {now[path]!r}"
         for path in IMMUTABLE
-        if path in applied and applied[path] != now[path]
+        if applied.get(path) != now[path]
     ]

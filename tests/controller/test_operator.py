@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from typing import Any
 
@@ -182,6 +183,40 @@ def test_the_run_succeeds_when_every_group_has(cluster: Cluster, operator: Opera
     assert condition(run, "Succeeded")["status"] == "True" and run["status"]["groupsReady"] == "3/3"
     wait_for(lambda: "RunSucceeded" in reasons(cluster, "demo"), "the success event")
     assert reasons(cluster, "demo").count("GroupSucceeded") == 3
+
+
+def test_a_job_removed_after_its_group_finished_is_not_created_again(
+        cluster: Cluster, operator: Operator, s3: str) -> None:
+    cluster.create(RUNS, manifest("demo", s3, runPolicy={"ttlSecondsAfterFinished": 0}))
+    ready(cluster, "demo")
+    for g in range(2):
+        play_training_operator(cluster, f"demo-g{g}", "Created", "Running", "Succeeded")
+    wait_for(lambda: cluster.get(RUNS, "demo")["status"]["phase"] == "Succeeded", "succeeded")
+    for g in range(2):
+        cluster.delete(JOBS, f"demo-g{g}")  # what the Training Operator does after the TTL
+    wait_for(lambda: cluster.list(JOBS) == [], "the jobs removed")
+    time.sleep(2)  # ten status intervals, and the deletions' own reconciles, have passed
+    assert cluster.list(JOBS) == [] and reasons(cluster, "demo").count("JobsCreated") == 1
+    assert cluster.get(RUNS, "demo")["status"]["phase"] == "Succeeded"
+
+
+def test_a_run_created_again_under_its_name_starts_fresh(cluster: Cluster, operator: Operator,
+                                                         s3: str) -> None:
+    cluster.create(RUNS, manifest("demo", s3, training={"steps": 2000}))
+    first = ready(cluster, "demo")["metadata"]["uid"]
+    folder(s3, "demo").put_json(names.progress_file(0), {"group": 0, "step": 1500})
+    cluster.delete(RUNS, "demo")
+    wait_for(lambda: cluster.get(RUNS, "demo") is None, "the run gone")
+    cluster.create(RUNS, manifest("demo", s3, training={"steps": 50}))
+    second = ready(cluster, "demo")["metadata"]["uid"]
+    written = folder(s3, "demo").get_json(names.RUN_JSON)
+    assert written["metadata"]["uid"] == second != first
+    assert written["spec"]["training"]["steps"] == 50  # the new spec, not the old run.json
+    assert not folder(s3, "demo").exists(names.progress_file(0))
+    old = Bucket(f"{folder(s3, 'demo').url}.previous-{first}", s3, KEYS)
+    assert old.get_json(names.RUN_JSON)["spec"]["training"]["steps"] == 2000
+    assert old.get_json(names.progress_file(0))["step"] == 1500
+    wait_for(lambda: "RunFolderArchived" in reasons(cluster, "demo"), "the archive event")
 
 
 def suspended(cluster: Cluster) -> list[bool]:

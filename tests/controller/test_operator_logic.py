@@ -63,6 +63,21 @@ def test_rendered_jobs_meet_kubeflows_crd_and_webhook(name: str) -> None:
                          "name": "demo", "uid": "1234-abcd", "controller": True}
 
 
+@pytest.mark.parametrize("name", SPECS)
+def test_rendered_pods_meet_pod_security_restricted(name: str) -> None:
+    for job in jobs_of(body(**SPECS[name])):
+        for replica in job["spec"]["pytorchReplicaSpecs"].values():
+            pod = replica["template"]["spec"]
+            # at pod level, so the Training Operator's injected init container inherits them
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["runAsUser"] == 10001
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert pod["automountServiceAccountToken"] is False
+            trainer = next(c for c in pod["containers"] if c["name"] == "pytorch")
+            assert trainer["securityContext"]["allowPrivilegeEscalation"] is False
+            assert trainer["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
 def test_jobs_carry_the_env_contract_and_only_secret_references() -> None:
     (job, _) = jobs_of(body())
     (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
@@ -148,6 +163,11 @@ def test_immutable_fields_are_named_with_old_and_new_values() -> None:
         "spec.groups: 2 -> 3",
         "spec.task: {'name': 'lm', 'args': {'hidden': 32}} -> {'name': 'ctr', 'args': {}}",
     ]
+    # as the API server stores it: a merge patch drops the null members
+    stored = {k: v for k, v in validate.frozen(parse(body(storage={"url": "s3://b"}))).items()
+              if v is not None}
+    later = parse(body(storage={"url": "s3://b", "endpoint": "http://x:1"}))
+    assert validate.changed(stored, later) == ["spec.storage.endpoint: None -> 'http://x:1'"]
 
 
 def job(*conditions: tuple[str, str], suspend: bool = False, message: str = "") -> dict:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web
 import attrs
 import jsonpatch
 import jsonpointer
@@ -67,6 +68,9 @@ class Emulator(kmock.KubernetesEmulator):
         # kmock keeps every request for assertions and matches each new one against all of them,
         # which grows quadratic; these tests assert on objects, so keep only the current one.
         del self._requests[:-1]
+        if request.action == enums.action.CREATE and request.params.get("dryRun") == "All":
+            # judged and not stored, as the API server's dry run
+            return aiohttp.web.json_response(request.data, status=201)
         if request.resource is not None and request.action == enums.action.CREATE:
             self._stamp_new(request)
         elif request.resource is not None and request.action == enums.action.UPDATE:

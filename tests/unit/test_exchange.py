@@ -135,3 +135,14 @@ def test_channel_generic_suffix(tmp_path):
     ch.publish(1, b"a")
     ch.publish(2, b"b")
     assert Bucket(tmp_path.as_uri()).ls("x") == ["2.bin", "LATEST.json"]
+
+
+def test_archive_moves_the_whole_folder_beside_it(bucket):
+    teacher_channel(bucket, 0).publish(10, weights_to_bytes(weights(1.0), 10))
+    bucket.put_json("run.json", {"x": 1})
+    url = bucket.archive(".previous-1234")
+    assert url == f"{bucket.url}.previous-1234"
+    assert not bucket.exists("run.json") and bucket.ls("groups") == []
+    old = Bucket(url)
+    assert old.get_json("run.json") == {"x": 1}
+    assert teacher_channel(old, 0).latest().step == 10

@@ -68,3 +68,11 @@ def test_other_documents_are_skipped(tmp_path):
     path.write_text("kind: Secret\nmetadata: {name: creds}\n---\n"
                     "apiVersion: codistill.io/v1alpha1\nkind: Codistillation\nmetadata: {name: r}\n")
     assert spec.load(path).metadata.name == "r"
+
+
+def test_names_leave_room_for_the_training_operators_services():
+    name = "a" * 50  # jobs a...-g1 (53) fit; Services up to a...-g1-worker-99 (63) fit
+    spec.parse({**BASE, "metadata": {"name": name}, "spec": {"groups": 2, "workersPerGroup": 2}})
+    with pytest.raises(spec.SpecError, match="metadata.name: .*Service 'a+-g1-worker-100'"):
+        spec.parse({**BASE, "metadata": {"name": name},
+                    "spec": {"groups": 2, "workersPerGroup": 102}})

@@ -46,6 +46,20 @@ def job_name(run: str, group: int) -> str:
     return f"{run}-g{group}"
 
 
+def replica_name(job: str, replica_type: str, index: int) -> str:
+    """The pods and Services the Training Operator names after a job's replicas."""
+    return f"{job}-{replica_type.lower()}-{index}"
+
+
+def longest_name(run: str, groups: int, workers_per_group: int) -> str:
+    """The longest name derived from a run: its last group's last Service (a DNS-1035 label,
+    so at most 63 characters)."""
+    job = job_name(run, groups - 1)
+    if workers_per_group > 1:
+        return replica_name(job, "Worker", workers_per_group - 2)
+    return replica_name(job, "Master", 0)
+
+
 def run_url(storage_url: str, namespace: str, name: str) -> str:
     """The run folder: `<storage.url>/<namespace>/<name>`."""
     return f"{storage_url.rstrip('/')}/{namespace}/{name}"

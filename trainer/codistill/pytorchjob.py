@@ -16,6 +16,17 @@ from .spec import Codistillation
 
 API_VERSION = f"{names.KUBEFLOW_GROUP}/{names.KUBEFLOW_VERSION}"
 WORKER_COMMAND = ["python", "-m", "codistill_trainer.worker"]
+TRAINER_UID = 10001  # the trainer image's user (Dockerfile)
+# Pod Security `restricted`, by default. The user and group are set at pod level, not only
+# runAsNonRoot: the Training Operator injects an init container (`init-pytorch`, an image that
+# runs as root) into Workers, which inherits them; with runAsNonRoot alone it is refused.
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": TRAINER_UID,
+    "runAsGroup": TRAINER_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 def contract_env(run: Codistillation, group: int, run_url: str) -> list[dict[str, Any]]:
@@ -72,7 +83,7 @@ def _container(run: Codistillation, group: int, run_url: str, user: dict[str, An
         "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT}],
     })
     container["env"] = user_env + ours
-    container.setdefault("securityContext", {"allowPrivilegeEscalation": False})
+    container["securityContext"] = _merge(CONTAINER_SECURITY, user.get("securityContext") or {})
     return container
 
 
@@ -81,10 +92,12 @@ def pod_template(run: Codistillation, group: int, run_url: str) -> dict[str, Any
     user = copy.deepcopy(run.spec.template or {})
     user_spec = user.pop("spec", {}) or {}
     containers = user_spec.pop("containers", []) or []
-    ours = next((c for c in containers if c.get("name") == CONTAINER), {})
+    trainer = next((c for c in containers if c.get("name") == CONTAINER), {})
     sidecars = [c for c in containers if c.get("name") != CONTAINER]
-    spec = _merge({"securityContext": {"runAsNonRoot": True}}, user_spec)
-    spec["containers"] = [_container(run, group, run_url, ours), *sidecars]
+    # Trainers never call the Kubernetes API: no token in their pods.
+    defaults = {"securityContext": POD_SECURITY, "automountServiceAccountToken": False}
+    spec = _merge(defaults, user_spec)
+    spec["containers"] = [_container(run, group, run_url, trainer), *sidecars]
     meta = _merge({"labels": labels(run, group)}, user.pop("metadata", {}) or {})
     return {"metadata": meta, "spec": spec}
 

@@ -20,7 +20,8 @@ from . import names
 from .names import API_GROUP, API_VERSION, KIND
 
 DEFAULT_IMAGE = "codistill/trainer:0.1.0"
-# PyTorchJob names are `<name>-g<i>` and must be DNS-1035 labels of at most 63 characters.
+# Jobs are `<name>-g<i>`, their Services `<job>-master-0` and `<job>-worker-<i>`: DNS-1035 labels
+# of at most 63 characters.
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*(:[A-Za-z_][A-Za-z0-9_.]*)?$")
 
@@ -194,6 +195,7 @@ class Metadata(_Model):
     name: str = Field(..., min_length=1, max_length=63)
     namespace: str = "default"
     generation: int = 1
+    uid: str | None = None  # on a cluster: tells a re-created run from the one it replaces
 
 
 class Codistillation(_Model):
@@ -208,11 +210,11 @@ class Codistillation(_Model):
         name, expected = self.metadata.name, f"{API_GROUP}/{API_VERSION}"
         if self.api_version != expected:
             raise ValueError(f"apiVersion: must be {expected}, got {self.api_version}")
-        longest = names.job_name(name, self.spec.groups - 1)
+        longest = names.longest_name(name, self.spec.groups, self.spec.workers_per_group)
         if not DNS1035.match(name) or len(longest) > 63:
             raise ValueError(
-                f"metadata.name: must be a lower-case DNS-1035 label short enough that job "
-                f"'{longest}' has at most 63 characters"
+                f"metadata.name: must be a lower-case DNS-1035 label short enough that the "
+                f"Training Operator's Service '{longest}' has at most 63 characters"
             )
         return self
 

@@ -147,6 +147,22 @@ class Bucket:
         except FileNotFoundError:
             pass
 
+    def archive(self, suffix: str) -> str:
+        """Move everything under this folder to the sibling `<url><suffix>`; returns its URL.
+        Locally a rename; on object stores a server-side copy of each object, then a delete."""
+        dest = f"{self.root}{suffix}"
+
+        def move() -> None:
+            if isinstance(self.fs, LocalFileSystem):
+                self.fs.mv(self.root, dest, recursive=True)
+                return
+            for path in self.fs.find(self.root):  # objects only: "directories" are not keys
+                self.fs.copy(path, dest + path[len(self.root):])
+            self.fs.rm(self.root, recursive=True)
+
+        self._retry(f"move {self.url} to {self.url}{suffix}", move)
+        return f"{self.url}{suffix}"
+
     def put_json(self, rel: str, obj: Any) -> None:
         self.put(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
 

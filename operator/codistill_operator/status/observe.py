@@ -64,6 +64,8 @@ def job_phase(job: dict[str, Any] | None) -> tuple[str, str | None]:
 def group_status(seen: Observed, g: int, previous: GroupStatus | None) -> GroupStatus:
     """One group from its job and progress; with the bucket unreadable, progress as before."""
     phase, message = job_phase(seen.jobs.get(g))
+    if phase == "Missing" and previous is not None and previous.phase in TERMINAL:
+        phase, message = previous.phase, previous.message  # removed after the end (TTL)
     restarts = previous.restarts if previous else 0
     if phase == "Restarting" and (previous is None or previous.phase != "Restarting"):
         restarts += 1
