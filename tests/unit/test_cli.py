@@ -102,3 +102,37 @@ def test_worker_refuses_a_job_that_disagrees_with_the_run_folder(tmp_path, monke
     monkeypatch.setenv(names.ENV_GROUPS, "3")
     with pytest.raises(SystemExit, match="CODISTILL_GROUPS=3 but .* has groups 2"):
         worker.main()
+
+
+def test_validate_says_where_a_manifest_can_run(tmp_path, capsys):
+    from tests.support.helm import ROOT
+
+    local = str(ROOT / "examples" / "quickstart.yaml")
+    code, out = run_cli(capsys, "validate", local)
+    assert code == 1 and "valid for `codistill run`" in out
+    assert "not for a cluster: spec.storage.url: required on a cluster" in out
+    assert run_cli(capsys, "validate", "--local", local)[0] == 0
+    code, out = run_cli(capsys, "validate", str(ROOT / "manifests" / "samples" / "codistillation.yaml"))
+    assert code == 0 and "valid, locally and on a cluster (2 group(s)" in out
+    code, out = run_cli(capsys, "validate", write(tmp_path, manifest(tmp_path, groups=0)))
+    assert code == 2 and "spec.groups" in out
+
+
+def test_render_prints_the_jobs_the_operator_creates(capsys):
+    from tests.support.crdschema import assert_meets_webhook, kubeflow
+    from tests.support.helm import ROOT
+
+    sample = str(ROOT / "manifests" / "samples" / "codistillation.yaml")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["render", "--namespace", "team-a", sample])
+    assert exited.value.code == 0
+    jobs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [j["metadata"]["name"] for j in jobs] == ["sample-g0", "sample-g1"]
+    for job in jobs:
+        kubeflow().validate(job)
+        assert_meets_webhook(job)
+        assert job["metadata"]["namespace"] == "team-a"
+        pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["CODISTILL_RUN_URL"]["value"].endswith("/team-a/sample")
+        assert "valueFrom" in env["AWS_SECRET_ACCESS_KEY"] and pod["securityContext"]["runAsNonRoot"]

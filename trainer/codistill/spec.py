@@ -265,7 +265,12 @@ def parse(doc: dict[str, Any], source: str = "manifest") -> Codistillation:
 
 
 def load(path: str | Path) -> Codistillation:
-    """Read the one Codistillation in a YAML file (other documents, e.g. Secrets, are skipped)."""
+    """Read and validate the one Codistillation in a YAML file."""
+    return parse(read(path), str(path))
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """The one Codistillation document in a YAML file (others, e.g. Secrets, are skipped)."""
     path = Path(path)
     try:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
@@ -278,4 +283,4 @@ def load(path: str | Path) -> Codistillation:
     runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
     if len(runs) != 1:
         raise SpecError(f"{path}: expected exactly one document with kind: {KIND}, found {len(runs)}")
-    return parse(runs[0], str(path))
+    return runs[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from codistill import names, spec
+from codistill import names, spec, validation
 from codistill.runfolder import RunFolder
 from codistill.storage import Bucket, StorageError
 
@@ -80,6 +80,40 @@ def cmd_report(args: argparse.Namespace) -> int:
     return _show_report(folder)
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Exit 0: runs locally and on a cluster; 1: only locally; 2: not at all (the error)."""
+    run = spec.load(args.manifest)
+    shape = (f"{run.spec.groups} group(s) x {run.spec.workers_per_group} pod(s) x "
+             f"{run.spec.nproc_per_worker} process(es), {run.spec.training.steps} steps")
+    try:
+        validation.check(spec.read(args.manifest), args.manifest)
+    except spec.SpecError as e:
+        why = str(e).removeprefix(f"{args.manifest}: ")
+        console.print(f"{args.manifest}: valid for `codistill run` ({shape}); not for a cluster: "
+                      f"{why}", highlight=False, soft_wrap=True)
+        return 0 if args.local else 1
+    console.print(f"{args.manifest}: valid, locally and on a cluster ({shape})", highlight=False,
+                  soft_wrap=True)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """The jobs the operator creates for a manifest, as YAML (ownerReferences are added on the
+    cluster, once the resource exists)."""
+    import yaml
+
+    from codistill.pytorchjob import render_jobs
+
+    doc = spec.read(args.manifest)
+    if args.namespace:
+        doc = {**doc, "metadata": {**doc.get("metadata", {}), "namespace": args.namespace}}
+    run = validation.check(doc, args.manifest)
+    url = names.run_url(run.spec.storage.url, run.metadata.namespace, run.metadata.name)
+    header = f"# {run.metadata.namespace}/{run.metadata.name}: run folder {url}\n"
+    sys.stdout.write(header + yaml.safe_dump_all(render_jobs(run, url), sort_keys=False))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .. import datasets
 
@@ -108,6 +142,14 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write and show the final report of a finished run")
     rep.add_argument("run")
     rep.set_defaults(fn=cmd_report)
+    v = sub.add_parser("validate", help="check a manifest, for a local run and for a cluster")
+    v.add_argument("manifest")
+    v.add_argument("--local", action="store_true", help="only for `codistill run`")
+    v.set_defaults(fn=cmd_validate)
+    rn = sub.add_parser("render", help="print the Kubernetes jobs the operator would create")
+    rn.add_argument("manifest")
+    rn.add_argument("--namespace", "-n", help="the namespace it will be applied to")
+    rn.set_defaults(fn=cmd_render)
     d = sub.add_parser("data", help="datasets of the built-in tasks")
     d.add_argument("action", choices=["fetch"])
     d.add_argument("--dest", help="folder (default: $CODISTILL_DATA or ~/.cache/codistill/data)")
