@@ -2,7 +2,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-PYTEST ?= -q
+PYTEST ?= -q -rs
 
 .PHONY: install data demo test lint e2e clean
 
@@ -28,9 +28,23 @@ lint: install
 	$(VENV)/bin/ruff check --quiet trainer operator tests bench
 
 # The whole production path on one machine (also part of `make test`): kubectl apply -> operator
-# -> PyTorchJobs -> trainers -> bucket -> status, against kmock's API server and moto's S3 server.
-e2e: install
-	$(PY) -m pytest tests/e2e -v
+# -> PyTorchJobs -> trainers -> bucket -> status, on a real control plane (tests/cluster) and,
+# for what it still serves, kmock's API server (tests/e2e); moto's S3 server as the bucket.
+e2e: install cluster-build
+	$(PY) -m pytest tests/cluster tests/e2e -v -s
+
+# The real control plane (cluster/README.md): build its binaries from Go modules (cached under
+# .cache/cluster), start it on loopback and print its kubeconfig, stop it.
+CLUSTER_DIR ?= .cache/cluster/run
+.PHONY: cluster-build cluster cluster-down
+cluster-build:
+	cluster/build.sh
+
+cluster: install cluster-build
+	$(PY) -m cluster.controlplane up --dir $(CLUSTER_DIR)
+
+cluster-down:
+	$(PY) -m cluster.controlplane down --dir $(CLUSTER_DIR)
 
 clean:
 	rm -rf $(VENV) runs .codistill

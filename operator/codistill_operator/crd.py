@@ -22,6 +22,9 @@ from codistill.spec import DNS1035, Spec
 from .status.schema import RunStatus
 
 # The cross-field checks of spec.py's model validators, as CEL, keyed by the object they sit on.
+# Every field a rule reads is guarded with has(): the API server also checks the rules against
+# each object's `default: {}` before nested defaults fill it in, and refuses the CRD if a rule
+# cannot evaluate there. At admission the defaults are in, so the guards never weaken a rule.
 RULES: dict[str, list[dict[str, str]]] = {
     "": [
         {
@@ -31,7 +34,8 @@ RULES: dict[str, list[dict[str, str]]] = {
         },
         {
             # names.longest_name: <name>-g<G-1>-worker-<W-2>, or <name>-g<G-1>-master-0
-            "rule": "size(self.metadata.name) + 2 + size(string(self.spec.groups - 1)) + "
+            "rule": "!has(self.spec) || !has(self.spec.groups) || !has(self.spec.workersPerGroup) "
+            "|| size(self.metadata.name) + 2 + size(string(self.spec.groups - 1)) + "
             "(self.spec.workersPerGroup > 1 ? 8 + size(string(self.spec.workersPerGroup - 2)) "
             ": 9) <= 63",
             "message": "metadata.name is too long: the Training Operator's Services "
@@ -40,7 +44,8 @@ RULES: dict[str, list[dict[str, str]]] = {
     ],
     "spec": [
         {
-            "rule": "type(self.distillation.teachers) == string "
+            "rule": "!has(self.distillation) || !has(self.distillation.teachers) "
+            "|| !has(self.groups) || type(self.distillation.teachers) == string "
             "|| self.distillation.teachers < self.groups",
             "message": "distillation.teachers must be 'all' or less than groups",
             "fieldPath": ".distillation.teachers",
@@ -48,13 +53,15 @@ RULES: dict[str, list[dict[str, str]]] = {
     ],
     "spec.distillation": [
         {
-            "rule": "self.maxStalenessSteps >= self.exchangeEverySteps + self.reloadEverySteps",
+            "rule": "!has(self.maxStalenessSteps) || !has(self.exchangeEverySteps) "
+            "|| !has(self.reloadEverySteps) "
+            "|| self.maxStalenessSteps >= self.exchangeEverySteps + self.reloadEverySteps",
             "message": "maxStalenessSteps must be >= exchangeEverySteps + reloadEverySteps, "
             "or every teacher would be skipped as stale",
             "fieldPath": ".maxStalenessSteps",
         },
         {
-            "rule": "type(self.teachers) == string || self.teachers >= 1",
+            "rule": "!has(self.teachers) || type(self.teachers) == string || self.teachers >= 1",
             "message": "teachers must be 'all' or a number >= 1",
             "fieldPath": ".teachers",
         },

@@ -1,0 +1,48 @@
+"""The control plane for this tier, started once per session.
+
+Without its binaries and without Go to build them, the tier is skipped with one line saying so;
+CI sets CODISTILL_REQUIRE_CLUSTER=1, and then it fails instead (a skipped tier proves nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.controlplane import (
+    RESTRICTED_PYTORCH_INIT_CONTAINER,
+    ControlPlane,
+    TrainingOperator,
+    ensure_built,
+    missing_binaries,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "manifests" / "crd.yaml"
+
+
+def _unavailable() -> str | None:
+    """Why this tier cannot run here, or None."""
+    if missing_binaries() and shutil.which("go") is None:
+        return "no Go toolchain to build kube-apiserver and the Training Operator (cluster/build.sh)"
+    if os.geteuid() != 0:
+        return "the process kubelet needs root (network namespaces)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    why = _unavailable()
+    if why:
+        if os.environ.get("CODISTILL_REQUIRE_CLUSTER") == "1":
+            pytest.fail(f"the real-cluster tier cannot run: {why}")
+        pytest.skip(f"real-cluster tier skipped: {why}")
+    ensure_built()  # minutes when cold; .ci/run builds first and prints the times
+    operator = TrainingOperator(pytorch_init_container_template=RESTRICTED_PYTORCH_INIT_CONTAINER)
+    with ControlPlane(tmp_path_factory.mktemp("cluster"), training_operator=operator,
+                      manifests=[CRD]) as cp:
+        yield cp
