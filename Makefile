@@ -25,7 +25,7 @@ test: lint
 	$(PY) -m pytest $(PYTEST)
 
 lint: install
-	$(VENV)/bin/ruff check --quiet trainer operator tests bench
+	$(VENV)/bin/ruff check --quiet trainer operator tests bench cluster
 
 # The whole production path on one machine (also part of `make test`): kubectl apply -> operator
 # -> PyTorchJobs -> trainers -> bucket -> status, on a real control plane (tests/cluster) and,

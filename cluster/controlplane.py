@@ -222,7 +222,8 @@ class PKI:
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, user: str) -> Path:
-    b64 = lambda p: base64.b64encode(Path(p).read_bytes()).decode()
+    def b64(p):
+        return base64.b64encode(Path(p).read_bytes()).decode()
     text = f"""apiVersion: v1
 kind: Config
 clusters:
@@ -750,7 +751,8 @@ class TrainingOperator:
     def _install(self, cp: ControlPlane, webhook_port: int, webhook_ca: Path, serving_crt: Path,
                  serving_key: Path) -> None:
         m = self.manifests(cp)
-        b64 = lambda path: base64.b64encode(path.read_bytes()).decode()
+        def b64(path):
+            return base64.b64encode(path.read_bytes()).decode()
         ca_key = cp.pki.path("training-operator-webhook-ca", "key")
         objects = [
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": TRAINING_OPERATOR_NAMESPACE}},

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """End-to-end check of the local control plane (about 30 s once built):
 
-    python3 cluster/smoke.py [--dir DIR] [--keep]
+    python -m cluster.smoke [--dir DIR] [--keep]   (from the repository root)
 
 starts etcd + kube-apiserver + kube-controller-manager + the Training Operator, then checks:
 kubectl version and /readyz; a namespace enforcing the `restricted` Pod Security Standard; a
@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from controlplane import RESTRICTED_PYTORCH_INIT_CONTAINER, ControlPlane, TrainingOperator  # noqa: E402
+from cluster.controlplane import RESTRICTED_PYTORCH_INIT_CONTAINER, ControlPlane, TrainingOperator
 
 NS = "smoke"
 SECURE = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
@@ -79,7 +78,8 @@ def main() -> int:
         cp.kubectl("label", "namespace", NS, "pod-security.kubernetes.io/enforce=restricted")
 
         cp.kubectl("create", "-f", "-", input=json.dumps(job("demo")))
-        names = lambda kind: sorted(cp.kubectl("-n", NS, "get", kind, "-o", "name").stdout.split())
+        def names(kind):
+            return sorted(cp.kubectl("-n", NS, "get", kind, "-o", "name").stdout.split())
         pods = wait_for("both pods", lambda: names("pods") if len(names("pods")) == 2 else None)
         svcs = wait_for("both services", lambda: names("services") if len(names("services")) == 2 else None)
         print("operator created:", *pods, *svcs)

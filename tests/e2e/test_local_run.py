@@ -94,14 +94,16 @@ def test_killed_worker_stops_the_run_and_resumes_from_last_state(tmp_path):
     assert prog["history"][0]["step"] < saved  # the curve from before the kill is kept
 
 
-def test_ctrl_c_stops_every_worker(tmp_path):
-    path = manifest(tmp_path, name="c", training={"steps": 5000, "batchSize": 8})
+@pytest.mark.parametrize("sig, says", [(signal.SIGINT, "interrupted"),
+                                       (signal.SIGTERM, "SIGTERM"), (signal.SIGHUP, "SIGHUP")])
+def test_ctrl_c_stops_every_worker(tmp_path, sig, says):
+    path = manifest(tmp_path, name="c", training={"steps": 50000, "batchSize": 8})
     run = tmp_path / "runs" / "default" / "c"
     launcher = start("run", str(path), cwd=tmp_path)
     wait_for(lambda: (run / "groups" / "1" / "progress.json").exists(), what="progress")
-    launcher.send_signal(signal.SIGINT)
+    launcher.send_signal(sig)
     out, _ = launcher.communicate(timeout=60)
-    assert launcher.returncode == 1 and "interrupted" in out
+    assert launcher.returncode == 1 and says in out
     assert not workers_of(run.as_uri())
 
 

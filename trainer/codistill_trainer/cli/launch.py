@@ -13,6 +13,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,11 +175,34 @@ def run_local(run: Codistillation, cwd: Path, fresh: bool, console: Console) -> 
     console.print(f"[bold]{run.metadata.name}[/]: {run.spec.groups} group(s) x "
                   f"{run.spec.world_size} process(es), run folder {bucket.url}, logs {logs}")
     try:
-        start(reps)
-        supervise(reps, folder, run, console)
-    except KeyboardInterrupt:
-        raise RunFailed("interrupted: stopped every worker (progress up to the last "
-                        "checkpoint is kept; run again to resume)") from None
+        with stop_signals():
+            start(reps)
+            supervise(reps, folder, run, console)
+    except Interrupted as e:
+        raise RunFailed(f"{e}: stopped every worker (progress up to the last checkpoint is "
+                        f"kept; run again to resume)") from None
     finally:
         stop(reps)
     return folder
+
+
+class Interrupted(Exception):
+    """Ctrl-C, or SIGTERM / SIGHUP from whatever runs `codistill run`."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """Any of STOP_SIGNALS stops the run, even where the caller ignored them (a background job
+    starts with SIGINT ignored); the previous handlers come back afterwards."""
+    def interrupted(sig: int, _frame: object) -> None:
+        raise Interrupted("interrupted" if sig == signal.SIGINT else signal.Signals(sig).name)
+
+    previous = {sig: signal.signal(sig, interrupted) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
