@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -20,9 +19,8 @@ from cluster.controlplane import (
     ensure_built,
     missing_binaries,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "manifests" / "crd.yaml"
+from tests.cluster.stack import Stack
+from tests.cluster.stack import stack as build_stack
 
 
 def _unavailable() -> str | None:
@@ -43,6 +41,12 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         pytest.skip(f"real-cluster tier skipped: {why}")
     ensure_built()  # minutes when cold; .ci/run builds first and prints the times
     operator = TrainingOperator(pytorch_init_container_template=RESTRICTED_PYTORCH_INIT_CONTAINER)
-    with ControlPlane(tmp_path_factory.mktemp("cluster"), training_operator=operator,
-                      manifests=[CRD]) as cp:
+    with ControlPlane(tmp_path_factory.mktemp("cluster"), training_operator=operator) as cp:
         yield cp
+
+
+@pytest.fixture(scope="session")
+def stack(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The chart installed (with the CRD), a node, a bucket: the README's cluster steps."""
+    with build_stack(control_plane, tmp_path_factory.mktemp("stack")) as world:
+        yield world

@@ -13,11 +13,12 @@ import pytest
 import yaml
 
 from cluster.controlplane import ControlPlane
+from tests.cluster.stack import Stack
 from tests.support.crdschema import INVALID, corpus_entry
 from tests.support.kube import manifest
 
 
-def test_server_version_and_explain(control_plane: ControlPlane) -> None:
+def test_server_version_and_explain(control_plane: ControlPlane, stack: Stack) -> None:
     version = control_plane.kubectl("version", "-o", "json").stdout
     print(control_plane.kubectl("version").stdout)
     assert json.loads(version)["serverVersion"]["gitVersion"].startswith("v1.36.")
@@ -27,7 +28,7 @@ def test_server_version_and_explain(control_plane: ControlPlane) -> None:
 
 
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
-def test_the_api_server_refuses_what_the_crd_refuses(control_plane: ControlPlane,
+def test_the_api_server_refuses_what_the_crd_refuses(control_plane: ControlPlane, stack: Stack,
                                                      path: Path) -> None:
     doc, field, by = corpus_entry(path)
     doc["metadata"]["name"] = doc["metadata"]["name"][:63]
@@ -41,7 +42,8 @@ def test_the_api_server_refuses_what_the_crd_refuses(control_plane: ControlPlane
     assert field.split(".")[-1] in applied.stderr, applied.stderr
 
 
-def test_a_valid_run_is_defaulted_and_listed_with_its_columns(control_plane: ControlPlane) -> None:
+def test_a_valid_run_is_defaulted_and_listed_with_its_columns(control_plane: ControlPlane,
+                                                              stack: Stack) -> None:
     doc = manifest("columns", "http://127.0.0.1:9")
     control_plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump(doc))
     try:

@@ -190,6 +190,7 @@ def test_every_pod_has_the_restricted_security_context(render, flag: str) -> Non
         assert pod["securityContext"]["runAsNonRoot"] is True, where
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
         assert not pod.get("hostNetwork") and not pod.get("hostPID"), where
+        assert pod["enableServiceLinks"] is False, where  # CODISTILL_OPERATOR_*_PORT=tcp://...
         assert not any("hostPath" in v for v in pod.get("volumes", [])), where
         for c in pod["containers"] + pod.get("initContainers", []):
             ctx = c["securityContext"]

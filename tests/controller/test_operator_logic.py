@@ -73,6 +73,7 @@ def test_rendered_pods_meet_pod_security_restricted(name: str) -> None:
             assert pod["securityContext"]["runAsUser"] == 10001
             assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
             assert pod["automountServiceAccountToken"] is False
+            assert pod["enableServiceLinks"] is False
             trainer = next(c for c in pod["containers"] if c["name"] == "pytorch")
             assert trainer["securityContext"]["allowPrivilegeEscalation"] is False
             assert trainer["securityContext"]["capabilities"] == {"drop": ["ALL"]}
@@ -334,3 +335,13 @@ def test_metrics_count_outcomes_errors_and_phases() -> None:
     metrics.count_phases(["Running", "Running", "Failed"])
     assert metrics.RUNS.labels("Running")._value.get() == 2
     assert metrics.RUNS.labels("Pending")._value.get() == 0
+
+
+def test_a_group_whose_job_went_after_it_finished_stays_succeeded() -> None:
+    done = job(("Succeeded", "True"))
+    seen_done = observe.observe(RunStatus(), seen({0: done}, {0: progress(9, 1.0)}, groups=1))
+    assert observe.observe(seen_done, seen({}, {}, groups=1)).groups[0].phase == "Succeeded"
+    # removed before the status loop ever saw it finish: its trainer said so
+    finished = progress(9, 1.0, state="finished")
+    gone = observe.observe(RunStatus(), seen({}, {0: finished}, groups=1))
+    assert gone.groups[0].phase == "Succeeded" and gone.phase == "Succeeded"

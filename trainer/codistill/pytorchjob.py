@@ -94,8 +94,10 @@ def pod_template(run: Codistillation, group: int, run_url: str) -> dict[str, Any
     containers = user_spec.pop("containers", []) or []
     trainer = next((c for c in containers if c.get("name") == CONTAINER), {})
     sidecars = [c for c in containers if c.get("name") != CONTAINER]
-    # Trainers never call the Kubernetes API: no token in their pods.
-    defaults = {"securityContext": POD_SECURITY, "automountServiceAccountToken": False}
+    # Trainers never call the Kubernetes API: no token in their pods; and no docker-link
+    # variables, which a Service named like a setting (codistill-group) would turn into env.
+    defaults = {"securityContext": POD_SECURITY, "automountServiceAccountToken": False,
+                "enableServiceLinks": False}
     spec = _merge(defaults, user_spec)
     spec["containers"] = [_container(run, group, run_url, trainer), *sidecars]
     meta = _merge({"labels": labels(run, group)}, user.pop("metadata", {}) or {})

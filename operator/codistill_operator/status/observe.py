@@ -63,16 +63,21 @@ def job_phase(job: dict[str, Any] | None) -> tuple[str, str | None]:
 
 def group_status(seen: Observed, g: int, previous: GroupStatus | None) -> GroupStatus:
     """One group from its job and progress; with the bucket unreadable, progress as before."""
+    p = None if seen.progress is None else seen.progress.get(g) or Progress(group=g)
     phase, message = job_phase(seen.jobs.get(g))
-    if phase == "Missing" and previous is not None and previous.phase in TERMINAL:
-        phase, message = previous.phase, previous.message  # removed after the end (TTL)
+    if phase == "Missing":  # removed after the end (ttlSecondsAfterFinished), however soon
+        if previous is not None and previous.phase in TERMINAL:
+            phase, message = previous.phase, previous.message
+        elif p is not None and p.state == "finished":
+            phase, message = "Succeeded", "finished; its job was removed since"
     restarts = previous.restarts if previous else 0
     if phase == "Restarting" and (previous is None or previous.phase != "Restarting"):
         restarts += 1
     known = dict(phase=phase, restarts=restarts, message=message)
-    if seen.progress is None and previous is not None:
-        return previous.model_copy(update=known)
-    p = (seen.progress or {}).get(g) or Progress(group=g)
+    if p is None:
+        if previous is not None:
+            return previous.model_copy(update=known)
+        p = Progress(group=g)
     known["restarts"] = max(restarts, p.restarts)  # the trainer counts every restart it made
     stale = sorted(peer for peer, lag in p.staleness.items() if lag > seen.max_staleness)
     return GroupStatus(
