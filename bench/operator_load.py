@@ -38,8 +38,8 @@ import kmock
 from matplotlib.figure import Figure
 
 from bench import common
-from codistill import names
 from codistill.net import free_port
+from codistill.runfolder import Progress, RunFolder
 from codistill.storage import Bucket
 from codistill_operator.settings import Config
 from tests.support import kube  # the API emulator the operator's tests use
@@ -182,11 +182,10 @@ def status_lag(cluster: Cluster, endpoint: str, runs: list[str]) -> list[float]:
     written = {}
     try:
         for name in runs:
-            bucket = Bucket(f"s3://{common.BUCKET}/runs/default/{name}", endpoint,
-                            common.CREDENTIALS)
-            bucket.put_json(names.progress_file(0), {"group": 0, "step": step, "steps": 1000,
-                                                      "state": "training", "loss": 1.0,
-                                                      "time": time.time()})
+            folder = RunFolder(Bucket(f"s3://{common.BUCKET}/runs/default/{name}", endpoint,
+                                      common.CREDENTIALS))
+            folder.write_progress(Progress(group=0, step=step, steps=1000, state="training",
+                                           loss=1.0, time=time.time()))
             written[name] = time.monotonic()
             time.sleep(STATUS_INTERVAL / len(runs))
         wait_for(lambda: len(shown) == len(runs), "status of every rewritten run", timeout=600)
