@@ -198,7 +198,7 @@ def crd() -> dict[str, Any]:
                 "plural": PLURAL,
                 "singular": KIND.lower(),
                 "shortNames": ["codist"],
-                "categories": ["codistill", "kubeflow"],
+                "categories": ["codistill"],
             },
             "versions": [{
                 "name": API_VERSION,

@@ -31,8 +31,9 @@ def test_env_as_the_controller_injects_it():
 def test_credentials_are_references_in_the_job_never_values():
     j = job()
     env = j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
-    refs = {e["name"]: e for e in env if "valueFrom" in e}
+    refs = {e["name"]: e for e in env if "secretKeyRef" in e.get("valueFrom", {})}
     assert set(refs) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert not any("AWS" in e["name"] and "value" in e for e in env if "SECRET" in e["name"])
     assert all("value" not in e for e in refs.values())
 
 

@@ -345,3 +345,17 @@ def test_a_group_whose_job_went_after_it_finished_stays_succeeded() -> None:
     finished = progress(9, 1.0, state="finished")
     gone = observe.observe(RunStatus(), seen({}, {0: finished}, groups=1))
     assert gone.groups[0].phase == "Succeeded" and gone.phase == "Succeeded"
+
+
+def test_pods_share_their_cpu_limit_and_get_a_memory_shm_with_several_processes() -> None:
+    (one, _) = jobs_of(body())
+    (many, _) = jobs_of(body(nprocPerWorker=4))
+    for job, shm in ((one, False), (many, True)):
+        pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        trainer = pod["containers"][0]
+        cpus = next(e for e in trainer["env"] if e["name"] == names.ENV_CPUS)
+        assert cpus["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+        mounts = {m["mountPath"] for m in trainer.get("volumeMounts", [])}
+        assert ("/dev/shm" in mounts) is shm
+        assert any(v.get("emptyDir", {}).get("medium") == "Memory"
+                   for v in pod.get("volumes", [])) is shm

@@ -76,3 +76,9 @@ def test_names_leave_room_for_the_training_operators_services():
     with pytest.raises(spec.SpecError, match="metadata.name: .*Service 'a+-g1-worker-100'"):
         spec.parse({**BASE, "metadata": {"name": name},
                     "spec": {"groups": 2, "workersPerGroup": 102}})
+
+
+def test_a_secret_name_may_have_dots_as_kubernetes_allows():
+    doc = {**BASE, "spec": {"storage": {"credentialsSecret": "bucket.creds"}}}
+    assert spec.parse(doc).spec.storage.credentials_secret == "bucket.creds"
+    assert spec.parse(BASE).spec.training.rendezvous_timeout_seconds == 1800

@@ -25,6 +25,7 @@ MASTER_PORT = 23456  # the Training Operator's default port, named `pytorchjob-p
 ENV_RUN_URL = "CODISTILL_RUN_URL"
 ENV_GROUP = "CODISTILL_GROUP"
 ENV_GROUPS = "CODISTILL_GROUPS"
+ENV_CPUS = "CODISTILL_CPUS"  # the container's CPU limit (cores, rounded up), for torch's threads
 ENV_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
 ENV_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"

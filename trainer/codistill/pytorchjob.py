@@ -27,6 +27,8 @@ POD_SECURITY = {
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+SHM_VOLUME = {"name": "codistill-shm", "emptyDir": {"medium": "Memory"}}
+SHM_MOUNT = {"name": "codistill-shm", "mountPath": "/dev/shm"}
 
 
 def contract_env(run: Codistillation, group: int, run_url: str) -> list[dict[str, Any]]:
@@ -35,6 +37,9 @@ def contract_env(run: Codistillation, group: int, run_url: str) -> list[dict[str
         {"name": names.ENV_RUN_URL, "value": run_url},
         {"name": names.ENV_GROUP, "value": str(group)},
         {"name": names.ENV_GROUPS, "value": str(run.spec.groups)},
+        # torch sizes its thread pool by the node's cores, not the pod's limit, unless told
+        {"name": names.ENV_CPUS, "valueFrom": {"resourceFieldRef": {
+            "containerName": CONTAINER, "resource": "limits.cpu", "divisor": "1"}}},
     ]
     storage = run.spec.storage
     if storage.endpoint:
@@ -84,6 +89,8 @@ def _container(run: Codistillation, group: int, run_url: str, user: dict[str, An
     })
     container["env"] = user_env + ours
     container["securityContext"] = _merge(CONTAINER_SECURITY, user.get("securityContext") or {})
+    if run.spec.nproc_per_worker > 1:  # NCCL between a pod's processes wants a real /dev/shm
+        container["volumeMounts"] = [*user.get("volumeMounts", []), SHM_MOUNT]
     return container
 
 
@@ -100,6 +107,8 @@ def pod_template(run: Codistillation, group: int, run_url: str) -> dict[str, Any
                 "enableServiceLinks": False}
     spec = _merge(defaults, user_spec)
     spec["containers"] = [_container(run, group, run_url, trainer), *sidecars]
+    if run.spec.nproc_per_worker > 1:
+        spec["volumes"] = [*spec.get("volumes", []), SHM_VOLUME]
     meta = _merge({"labels": labels(run, group)}, user.pop("metadata", {}) or {})
     return {"metadata": meta, "spec": spec}
 

@@ -23,6 +23,8 @@ DEFAULT_IMAGE = "codistill/trainer:0.1.0"
 # Jobs are `<name>-g<i>`, their Services `<job>-master-0` and `<job>-worker-<i>`: DNS-1035 labels
 # of at most 63 characters.
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# Secret names: DNS-1123 subdomains (dots allowed), at most 253 characters.
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*(:[A-Za-z_][A-Za-z0-9_.]*)?$")
 
 
@@ -70,6 +72,11 @@ class Training(_Model):
         100, ge=1, description="Save full training state (for resume) every N steps."
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Base random seed.")
+    rendezvous_timeout_seconds: int = Field(
+        1800, ge=60, le=86400,
+        description="How long a group's processes wait for each other to start (a slow node or "
+        "image pull must fit in it) before the group fails and is restarted.",
+    )
     data_sharding: Literal["disjoint", "shared"] = Field(
         "disjoint",
         description="`disjoint`: every group (and rank) reads its own shard, as in the paper; "
@@ -134,7 +141,8 @@ class Storage(_Model):
     )
     credentials_secret: str | None = Field(
         None,
-        pattern=DNS1035.pattern.replace("[a-z]", "[a-z0-9]", 1),
+        pattern=DNS1123_SUBDOMAIN.pattern,
+        max_length=253,
         description="Secret in the run's namespace with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.",
     )
     on_delete: Literal["Retain", "Delete"] = Field(

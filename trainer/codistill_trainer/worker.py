@@ -58,6 +58,14 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def _limit_threads() -> None:
+    """Share the container's CPU limit between its processes (OMP_NUM_THREADS, if set, wins)."""
+    cpus = os.environ.get(names.ENV_CPUS, "")
+    if cpus.isdigit() and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        torch.set_num_threads(max(1, int(cpus) // local))
+
+
 def main() -> None:
     faulthandler.enable()  # a native crash still leaves every thread's Python stack in the log
     if _hand_over_to_torchrun():
@@ -75,9 +83,11 @@ def main() -> None:
                          f"but {folder.where(names.RUN_JSON)} has groups {run.spec.groups}: the "
                          f"job and the run folder disagree")
     device = _device()
+    _limit_threads()
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
+        timeout = timedelta(seconds=run.spec.training.rendezvous_timeout_seconds)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     try:
         Loop(Member(run, group, rank, world, folder.bucket, device)).run()
         if rank == 0 and write_report(folder, run):
