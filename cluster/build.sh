@@ -94,11 +94,15 @@ build training-operator "$to_version" training-operator \
     github.com/kubeflow/training-operator/cmd/training-operator.v1 "-ldflags=-s -w"
 # The CRDs and RBAC of the same release travel with the binary, so that starting it needs only
 # the bin folder, not the module cache.
-if [[ ! -d $to_out/manifests ]]; then
+# So do its standalone install manifests (release/), which manifests/training-operator patches.
+if [[ ! -d $to_out/manifests || ! -d $to_out/release ]]; then
     src=$(cd "$here/go/training-operator" && go list -m -f '{{.Dir}}' github.com/kubeflow/training-operator)
-    mkdir -p "$to_out/manifests"
+    rm -rf "$to_out/manifests" "$to_out/release"
+    mkdir -p "$to_out/manifests" "$to_out/release/overlays"
     cp -r "$src/manifests/base/crds" "$src/manifests/base/rbac" "$src/manifests/base/webhook" "$to_out/manifests/"
-    chmod -R u+w "$to_out/manifests"
+    cp -r "$src/manifests/base" "$to_out/release/"
+    cp -r "$src/manifests/overlays/standalone" "$to_out/release/overlays/"
+    chmod -R u+w "$to_out/manifests" "$to_out/release"
 fi
 
 echo "== all built in $(( $(date +%s) - total_start ))s; binaries under $bin"

@@ -68,25 +68,14 @@ TO_SCHEMES = {  # --enable-scheme value -> (kind, plural)
     "jaxjob": ("JAXJob", "jaxjobs"),
 }
 
-# An init container template for PyTorchJob workers that the `restricted` Pod Security Standard
+# The init container template for PyTorchJob workers that the `restricted` Pod Security Standard
 # admits (the operator's built-in one has no securityContext, so in a namespace enforcing
-# `restricted` it cannot create worker pods). Pass it as
+# `restricted` it cannot create worker pods): the one the project ships for real clusters
+# (manifests/training-operator/). Pass it as
 # TrainingOperator(pytorch_init_container_template=RESTRICTED_PYTORCH_INIT_CONTAINER).
-RESTRICTED_PYTORCH_INIT_CONTAINER = """\
-- name: init-pytorch
-  image: {{.InitContainerImage}}
-  imagePullPolicy: IfNotPresent
-  resources:
-    limits: {cpu: 100m, memory: 20Mi}
-    requests: {cpu: 50m, memory: 10Mi}
-  securityContext:
-    allowPrivilegeEscalation: false
-    capabilities: {drop: [ALL]}
-    runAsNonRoot: true
-    runAsUser: 65534
-    seccompProfile: {type: RuntimeDefault}
-  command: ['sh', '-c', 'err=1;for i in $(seq {{.MaxTries}}); do if nslookup {{.MasterAddr}}; then err=0 && break; fi;echo waiting for master; sleep 2; done; exit $err']
-"""
+RESTRICTED_PYTORCH_INIT_CONTAINER = (
+    HERE.parent / "manifests" / "training-operator" / "pytorch-init-container.yaml"
+).read_text()
 
 
 class ClusterError(RuntimeError):
