@@ -7,6 +7,7 @@ import os
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,28 @@ from codistill.net import free_port
 
 from .support.kube import SECRETS, Cluster, Operator, secret
 from .support.s3 import BUCKET, S3_KEY, S3_SECRET
+
+CLUSTER_TIER = Path(__file__).resolve().parent / "cluster"
+NOT_RUN = pytest.StashKey[str]()
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Leave the real-cluster tier out where it cannot run (no Go, not root), unless required."""
+    if collection_path != CLUSTER_TIER:
+        return None
+    from .cluster.conftest import REQUIRED, unavailable
+
+    why = unavailable()
+    if why is None or REQUIRED:
+        return None
+    config.stash[NOT_RUN] = why
+    return True
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if NOT_RUN in config.stash:
+        terminalreporter.write_line(f"not run: tests/cluster, the real-cluster tier: "
+                                    f"{config.stash[NOT_RUN]}")
 
 
 @pytest.fixture(scope="session")
