@@ -33,8 +33,10 @@ import threading
 import time
 from pathlib import Path
 
+from cluster import smoke
 from cluster.controlplane import RESTRICTED_PYTORCH_INIT_CONTAINER, ControlPlane, TrainingOperator
 from cluster.kubelet import ProcessKubelet
+from cluster.smoke import listening_ports
 
 NS = "smoke"
 TRAINER = "codistill/trainer:0.1.0"
@@ -108,24 +110,7 @@ def pod(name: str, containers: list[dict], **spec) -> dict:
 
 
 def wait_for(what: str, check, timeout: float = 60, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out: {what}")
-        time.sleep(every)
-
-
-def listening_ports() -> set[int]:
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "0A":  # LISTEN
-                ports.add(int(f[1].rsplit(":", 1)[1], 16))
-    return ports
+    return smoke.wait_for(what, check, timeout, every)
 
 
 def sh(cmd: str) -> str:

@@ -37,7 +37,7 @@ def job(name: str, master_replicas: int = 1, container: str = "pytorch") -> dict
             "spec": {"pytorchReplicaSpecs": {"Master": replica(master_replicas), "Worker": replica(1)}}}
 
 
-def wait_for(what: str, check, timeout: float = 30):
+def wait_for(what: str, check, timeout: float = 30, every: float = 0.3):
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -45,7 +45,7 @@ def wait_for(what: str, check, timeout: float = 30):
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out: {what}")
-        time.sleep(0.3)
+        time.sleep(every)
 
 
 def listening_ports() -> set[int]:
