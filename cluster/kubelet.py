@@ -78,10 +78,10 @@ class ImageSpec:
     e.g. `nslookup`); `user`/`group` are the image's USER (runAsNonRoot is checked against
     `user` when the pod sets no runAsUser); entrypoint/cmd/env/workdir are ENTRYPOINT, CMD, ENV
     and WORKDIR. A workdir that does not exist on the host must lie in a volume or /tmp.
-    `expose`: host folders the container must be able to read whatever its uid, although a
-    folder above them is closed (the venv's interpreter under /root/.pyenv, /root being 0700):
-    in the container's mount namespace the closed folder becomes an empty tmpfs and each of
-    them is bind-mounted back, read-only."""
+    `expose`: host folders the container must read, whatever its uid and its volumes: each is
+    bind-mounted read-only after the volumes (a checkout under /tmp stays visible through the
+    private /tmp), and a closed folder above one (the venv's interpreter under /root/.pyenv,
+    /root being 0700) becomes an empty tmpfs first."""
     path: tuple[str, ...]
     user: int = 0
     group: int = 0
@@ -113,7 +113,9 @@ def _venv_home(venv: Path) -> tuple[str, ...]:
     return (sys.base_prefix,)
 
 
-_VENV_EXPOSE = _venv_home(ROOT / ".venv")
+# The venv's interpreter, and this checkout (its code, venv and test data), which may itself lie
+# under /tmp (a CI clone) where each container has a private /tmp.
+_VENV_EXPOSE = (*_venv_home(ROOT / ".venv"), str(ROOT))
 IMAGES: dict[str, ImageSpec] = {
     "*codistill/trainer*": ImageSpec(path=(VENV_BIN, *SYSTEM_PATH), user=10001, group=10001,
                                      cmd=("python", "-m", "codistill_trainer.worker"),
@@ -940,7 +942,8 @@ class ProcessKubelet:
         argv = command + args
         if not argv:
             raise ConfigError("CreateContainerError", "no command specified")
-        mounts = self._exposed(image) + self._mounts(run, c)
+        # exposed host folders last: the private /tmp among the volumes must not hide them
+        mounts = self._mounts(run, c) + self._exposed(image)
         workdir = ctr.get("workingDir") or image.workdir
         inside = any(workdir == m or workdir.startswith(m.rstrip("/") + "/") for s, m, _, _ in mounts if s)
         if not inside and not Path(workdir).is_dir():
@@ -1000,10 +1003,11 @@ class ProcessKubelet:
             p = Path(path)
             closed = next((a for a in reversed(p.parents) if a != Path("/") and a.is_dir()
                            and not a.stat().st_mode & 0o001), None)
-            if closed is not None and p.exists():
-                if (None, str(closed), False, False) not in out:
-                    out.append((None, str(closed), False, False))
-                out.append((str(p), str(p), True, True))
+            if not p.exists():
+                continue
+            if closed is not None and (None, str(closed), False, False) not in out:
+                out.append((None, str(closed), False, False))
+            out.append((str(p), str(p), True, True))
         return out
 
     def _mounts(self, run: PodRun, c: Ctr) -> list[tuple[str, str, bool, bool]]:
