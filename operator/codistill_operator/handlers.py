@@ -86,8 +86,9 @@ def _retried(handler: str, work: Callable[[], str], delay: float) -> None:
 
 
 def _reconcile(state: State, namespace: str, name: str) -> None:
-    _retried("reconcile", lambda: reconcile.reconcile(state, namespace, name),
-             state.config.retry_delay)
+    with state.reconciling(namespace, name):
+        _retried("reconcile", lambda: reconcile.reconcile(state, namespace, name),
+                 state.config.retry_delay)
 
 
 @kopf.on.resume(*RUNS)

@@ -16,6 +16,7 @@ class State:
         self.runs: dict[tuple[str, str], str] = {}  # (namespace, name) -> last known phase
         self._api: Api | None = None
         self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._reconciles: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
 
     @property
@@ -30,6 +31,12 @@ class State:
         """Serialises status writes of one run (reconciler, job events and the status loop)."""
         with self._guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def reconciling(self, namespace: str, name: str) -> threading.Lock:
+        """Serialises reconciles of one run: kopf's own handlers for it, and those that a job's
+        event starts (a run deleted and created again under its name sees its old jobs go)."""
+        with self._guard:
+            return self._reconciles.setdefault((namespace, name), threading.Lock())
 
     def forget(self, namespace: str, name: str) -> None:
         with self._guard:

@@ -359,3 +359,32 @@ def test_pods_share_their_cpu_limit_and_get_a_memory_shm_with_several_processes(
         assert ("/dev/shm" in mounts) is shm
         assert any(v.get("emptyDir", {}).get("medium") == "Memory"
                    for v in pod.get("volumes", [])) is shm
+
+
+def test_reconciles_of_one_run_never_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's deletion event reconciles its run by name while kopf may be reconciling the run
+    created again under that name: the two must take turns (they share the run folder)."""
+    import threading
+    import time
+
+    from codistill_operator import handlers, reconcile
+    from codistill_operator.runtime import State
+
+    inside, overlaps = [], []
+
+    def slow(state: State, namespace: str, name: str) -> str:
+        inside.append(name)
+        overlaps.append(len(inside))
+        time.sleep(0.05)
+        inside.remove(name)
+        return "applied"
+
+    monkeypatch.setattr(reconcile, "reconcile", slow)
+    state = State(Config(metrics_port=0))
+    threads = [threading.Thread(target=handlers._reconcile, args=(state, "ns", "demo"))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [1, 1, 1, 1]
