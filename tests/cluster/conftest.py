@@ -20,8 +20,9 @@ from cluster.controlplane import (
     ensure_built,
     missing_binaries,
 )
-from tests.cluster.stack import Stack
+from tests.cluster.stack import NAMESPACE, Stack
 from tests.cluster.stack import stack as build_stack
+from tests.support.kube import wait_for
 
 
 def unavailable() -> str | None:
@@ -51,7 +52,19 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 
 
 @pytest.fixture(scope="session")
-def stack(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def installed(control_plane: ControlPlane,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The chart installed (with the CRD), a node, a bucket: the README's cluster steps."""
     with build_stack(control_plane, tmp_path_factory.mktemp("stack")) as world:
         yield world
+
+
+@pytest.fixture
+def stack(installed: Stack) -> Iterator[Stack]:
+    """The stack, and after each test none of its runs left training: a failed scenario must
+    not slow the next one down on two cores."""
+    yield installed
+    for run in installed.get("codistillations") or []:
+        installed.kubectl("delete", "codistillation", run["metadata"]["name"], "-n", NAMESPACE,
+                          "--wait=false")
+    wait_for(lambda: not installed.get("pods"), "every trainer pod gone", timeout=120)

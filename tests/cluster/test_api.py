@@ -18,7 +18,7 @@ from tests.support.crdschema import INVALID, corpus_entry
 from tests.support.kube import manifest
 
 
-def test_server_version_and_explain(control_plane: ControlPlane, stack: Stack) -> None:
+def test_server_version_and_explain(control_plane: ControlPlane, installed: Stack) -> None:
     version = control_plane.kubectl("version", "-o", "json").stdout
     print(control_plane.kubectl("version").stdout)
     assert json.loads(version)["serverVersion"]["gitVersion"].startswith("v1.36.")
@@ -28,7 +28,7 @@ def test_server_version_and_explain(control_plane: ControlPlane, stack: Stack) -
 
 
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
-def test_the_api_server_refuses_what_the_crd_refuses(control_plane: ControlPlane, stack: Stack,
+def test_the_api_server_refuses_what_the_crd_refuses(control_plane: ControlPlane, installed: Stack,
                                                      path: Path) -> None:
     doc, field, by = corpus_entry(path)
     doc["metadata"]["name"] = doc["metadata"]["name"][:63]
@@ -43,7 +43,7 @@ def test_the_api_server_refuses_what_the_crd_refuses(control_plane: ControlPlane
 
 
 def test_a_valid_run_is_defaulted_and_listed_with_its_columns(control_plane: ControlPlane,
-                                                              stack: Stack) -> None:
+                                                              installed: Stack) -> None:
     doc = manifest("columns", "http://127.0.0.1:9")
     control_plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump(doc))
     try:

@@ -29,9 +29,10 @@ pytestmark = pytest.mark.slow
 def test_a_run_trains_to_succeeded_through_the_real_controllers(stack: Stack) -> None:
     stack.apply("e2e")
     wait_for(lambda: len(stack.jobs("e2e")) == 2, "two PyTorchJobs", timeout=60)
-    pods = wait_for(lambda: (p := stack.jobs("e2e", "pods")) and len(p) == 4 and p, "four pods",
+    pods = wait_for(lambda: (p := stack.jobs("e2e", "pods")) and len(p) == 4
+                    and all(x["status"].get("podIP") for x in p) and p, "four pods with IPs",
                     timeout=120)
-    assert len({p["status"].get("podIP") for p in pods if p["status"].get("podIP")}) >= 2
+    assert len({p["status"]["podIP"] for p in pods}) == 4  # a network namespace each
     # the operator killed mid-run: its pod restarts it, and it converges on the same jobs
     wait_for(lambda: (stack.status("e2e").get("step") or 0) > 0, "training started", timeout=180)
     for pid in processes("codistill_operator"):
