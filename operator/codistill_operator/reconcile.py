@@ -29,8 +29,9 @@ UPDATED = {"Suspended": "suspended", "Resumed": "resumed", "JobsUpdated": "updat
 
 
 def record(state: State, body: dict[str, Any], ready: bool | None, reason: str = "",
-           message: str = "", applied: Applied | None = None, url: str | None = None) -> None:
-    """Record the reconcile's outcome: Ready (None: leave it) and what is now applied."""
+           message: str = "", applied: Applied | None = None, url: str | None = None) -> bool:
+    """Record the reconcile's outcome: Ready (None: leave it) and what is now applied.
+    False if the run is gone, or is another resource now (deleted, created again)."""
     generation = body["metadata"].get("generation", 1)
 
     def change(_: dict[str, Any], status: RunStatus) -> RunStatus:
@@ -47,7 +48,7 @@ def record(state: State, body: dict[str, Any], ready: bool | None, reason: str =
         return status
 
     meta = body["metadata"]
-    write(state, meta["namespace"], meta["name"], change)
+    return write(state, meta["namespace"], meta["name"], change, uid=meta.get("uid")) is not None
 
 
 def _message(error: SpecError, body: dict[str, Any]) -> str:
@@ -106,7 +107,8 @@ def _apply(state: State, body: dict[str, Any], run: Codistillation, keys: dict[s
                       burn_in_steps=d.burn_in_steps, max_staleness_steps=d.max_staleness_steps)
     # Recorded before the jobs change, on purpose: an operator that dies half-way then still
     # knows what the jobs hold, and refuses an immutable change made in the meantime.
-    record(state, body, None, applied=applied, url=url)
+    if not record(state, body, None, applied=applied, url=url):
+        return "skipped"  # deleted meanwhile: its jobs would only wait for the collector
     try:
         _converge(state, body, run, folder, want)
     except JobConflict as e:

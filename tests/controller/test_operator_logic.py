@@ -388,3 +388,35 @@ def test_reconciles_of_one_run_never_overlap(monkeypatch: pytest.MonkeyPatch) ->
     for t in threads:
         t.join()
     assert overlaps == [1, 1, 1, 1]
+
+
+class ReplacedRun:
+    """An API whose run `demo` was deleted and created again (another uid) mid-reconcile."""
+
+    def __init__(self) -> None:
+        self.patches: list[dict] = []
+        self.events: list[str] = []
+
+    def get_run(self, namespace: str, name: str) -> dict:
+        return {"metadata": {"namespace": namespace, "name": name, "uid": "second"}}
+
+    def patch_status(self, namespace: str, name: str, patch: dict) -> None:
+        self.patches.append(patch)
+
+    def post_event(self, body: dict, kind: str, reason: str, message: str) -> None:
+        self.events.append(reason)
+
+
+def test_a_reconcile_never_records_its_outcome_on_a_run_created_again() -> None:
+    from codistill_operator import reconcile
+    from codistill_operator.runtime import State
+
+    state = State(Config(metrics_port=0))
+    state._api = api = ReplacedRun()
+    first = {"metadata": {"namespace": "ns", "name": "demo", "uid": "first", "generation": 1}}
+    assert reconcile.record(state, first, True, "Applied", "2 PyTorchJobs") is False
+    assert api.patches == [] and api.events == []
+    second = dict(first, metadata=dict(first["metadata"], uid="second"))
+    assert reconcile.record(state, second, True, "Applied", "2 PyTorchJobs") is True
+    ready = next(c for c in api.patches[0]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True" and ready["reason"] == "Applied"

@@ -39,11 +39,15 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return {k: new.get(k) for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
 
 
-def write(state: State, namespace: str, name: str, change: Change) -> RunStatus | None:
-    """Apply `change(resource, status)` to the live status; None if the run is gone."""
+def write(state: State, namespace: str, name: str, change: Change,
+          uid: str | None = None) -> RunStatus | None:
+    """Apply `change(resource, status)` to the live status; None if the run is gone.
+
+    With `uid`, only to that resource: a reconcile of a run deleted meanwhile must not write
+    its outcome on a new run created under the same name."""
     with state.lock(namespace, name):
         body = state.api.get_run(namespace, name)
-        if body is None:
+        if body is None or uid not in (None, body["metadata"].get("uid")):
             return None
         old = current(body)
         new = change(body, old)
