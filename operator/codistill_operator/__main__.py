@@ -50,6 +50,11 @@ def parse(argv: list[str], env: dict[str, str]) -> Options:
     return Options(namespaces, args.liveness_port, config, args.verbose)
 
 
+def liveness_endpoint(options: Options) -> str:
+    host = options.config.bind_address
+    return f"http://{f'[{host}]' if ':' in host else host}:{options.liveness_port}/healthz"
+
+
 def main(argv: list[str] | None = None) -> None:
     options = parse(sys.argv[1:] if argv is None else argv, dict(os.environ))
     kopf.configure(verbose=options.verbose, log_format=kopf.LogFormat.JSON)
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         standalone=True,
         clusterwide=not options.namespaces,
         namespaces=options.namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{options.liveness_port}/healthz",
+        liveness_endpoint=liveness_endpoint(options),
         memo=kopf.Memo(config=options.config),
     )
 

@@ -2,13 +2,13 @@
 
 `kopf run -m codistill_operator.handlers` loads this module; `python -m codistill_operator` too.
 No kopf timers or daemons: those would put a finalizer on every run. The status loop is one
-operator-wide task instead, and the PyTorchJobs are only watched (kopf writes nothing on them).
+operator-wide task instead (status/loop.py), and the PyTorchJobs are only watched (kopf writes
+nothing on them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +23,7 @@ from .errors import Retry
 from .names import COMPONENT, FINALIZER
 from .runtime import State
 from .settings import Config
-from .status import write as status
+from .status import loop
 
 log = logging.getLogger(__name__)
 RUNS = (API_GROUP, API_VERSION, PLURAL)
@@ -41,37 +41,27 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.reporting_component = COMPONENT
     settings.posting.level = logging.WARNING  # our own events say what happened
     settings.scanning.disabled = not config.scanning
+    # Timeouts on kopf's own calls; watches end every 5 minutes, so one a load balancer cut
+    # silently is noticed and restarted.
+    settings.networking.request_timeout = config.api_timeout
+    settings.networking.connect_timeout = settings.watching.connect_timeout = 10.0
+    settings.watching.server_timeout = 300.0
+    settings.watching.client_timeout = 330.0
     memo.state = State(config)
-    memo.metrics = metrics.serve(config.metrics_port) if config.metrics_port else None
+    memo.metrics = (metrics.serve(config.metrics_port, config.bind_address)
+                    if config.metrics_port else None)
     memo.stopping = asyncio.Event()
-    memo.loop = asyncio.create_task(_status_loop(memo.state, memo.stopping))
+    memo.refreshes = loop.Refreshes(config.refresh_concurrency)
+    memo.loop = asyncio.create_task(loop.run(memo.state, memo.refreshes, memo.stopping))
 
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     memo.stopping.set()
-    await memo.loop  # lets a refresh in flight finish: its thread cannot be cancelled
+    await memo.loop  # lets the refreshes in flight finish
     if memo.metrics is not None:
         await asyncio.to_thread(memo.metrics.shutdown)
         memo.metrics.server_close()
-
-
-async def _status_loop(state: State, stopping: asyncio.Event) -> None:
-    """Every `status_interval`: re-observe every run (progress files change without events)."""
-    while not stopping.is_set():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stopping.wait(), state.config.status_interval)
-        for (namespace, name), phase in list(state.runs.items()):
-            if phase != "Invalid" and not stopping.is_set():  # invalid: no jobs to observe
-                await asyncio.to_thread(_refresh, state, namespace, name)
-        metrics.count_phases(list(state.runs.values()))
-
-
-def _refresh(state: State, namespace: str, name: str) -> None:
-    try:
-        metrics.measure("status", lambda: status.refresh(state, namespace, name))
-    except Exception:  # one run's trouble must not stop the others' status
-        log.exception("status of %s/%s not refreshed", namespace, name)
 
 
 def _retried(handler: str, work: Callable[[], str], delay: float) -> None:
@@ -131,9 +121,18 @@ def job_changed(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Me
             _reconcile(state, namespace, owner)
         except kopf.TemporaryError as e:
             log.warning("run %s/%s not reconciled after a job deletion: %s", namespace, owner, e)
-    _refresh(state, namespace, owner)
+    loop.refresh(state, namespace, owner)
 
 
 @kopf.on.probe(id="runs")
 def runs_probe(memo: kopf.Memo, **_: Any) -> int:
     return len(memo.state.runs)
+
+
+@kopf.on.probe(id="oldestRefreshSeconds")
+def refresh_probe(memo: kopf.Memo, **_: Any) -> float:
+    """Fails liveness (kopf answers 500) once a refresh is stuck past its deadline."""
+    oldest = memo.refreshes.oldest()
+    if oldest > memo.state.config.refresh_deadline:
+        raise RuntimeError(f"a status refresh has been running for {oldest:.0f} s")
+    return round(oldest, 1)

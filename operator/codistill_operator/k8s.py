@@ -55,32 +55,37 @@ def now() -> str:
 
 
 class Api:
-    def __init__(self, client: kubernetes.client.ApiClient):
+    """Every call has a (connect, read) timeout: without one, a connection the network dropped
+    silently (a control-plane failover, a load balancer's idle cut) blocks its thread forever."""
+
+    def __init__(self, client: kubernetes.client.ApiClient, timeout: float = 30.0):
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.core = kubernetes.client.CoreV1Api(client)
         self.instance = socket.gethostname()
+        self._timeout = {"_request_timeout": (min(10.0, timeout), timeout)}
 
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         return or_none(lambda: self.custom.get_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, PLURAL, name
+            API_GROUP, API_VERSION, namespace, PLURAL, name, **self._timeout
         ))
 
     def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": patch}
+            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": patch}, **self._timeout
         )
 
     def list_jobs(self, namespace: str, run: dict[str, Any]) -> list[dict[str, Any]]:
         """The PyTorchJobs this run owns (by ownerReference uid, not only by label)."""
         name, uid = run["metadata"]["name"], run["metadata"].get("uid")
         found = self.custom.list_namespaced_custom_object(
-            *KUBEFLOW[:2], namespace, KUBEFLOW[2], label_selector=f"{names.LABEL_RUN}={name}"
+            *KUBEFLOW[:2], namespace, KUBEFLOW[2], label_selector=f"{names.LABEL_RUN}={name}",
+            **self._timeout,
         )
         return [job for job in found.get("items", []) if owner_uid(job) == uid]
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return or_none(lambda: self.custom.get_namespaced_custom_object(
-            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name
+            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name, **self._timeout
         ))
 
     def create_job(self, namespace: str, job: dict[str, Any], dry_run: bool = False) -> bool:
@@ -90,7 +95,7 @@ class Api:
         extra = {"dry_run": "All"} if dry_run else {}
         try:
             self.custom.create_namespaced_custom_object(
-                *KUBEFLOW[:2], namespace, KUBEFLOW[2], job, **extra
+                *KUBEFLOW[:2], namespace, KUBEFLOW[2], job, **extra, **self._timeout
             )
             return True
         except ApiException as e:
@@ -100,18 +105,20 @@ class Api:
 
     def patch_job(self, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
         self.custom.patch_namespaced_custom_object(
-            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name, ops, _content_type=JSON_PATCH
+            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name, ops, _content_type=JSON_PATCH,
+            **self._timeout,
         )
 
     def delete_job(self, namespace: str, name: str) -> None:
         """Foreground: the job stays until its pods are gone, so callers can wait on it."""
         or_none(lambda: self.custom.delete_namespaced_custom_object(
-            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name, propagation_policy="Foreground"
+            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name, propagation_policy="Foreground",
+            **self._timeout,
         ))
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's data, decoded; None when it does not exist. Never logged."""
-        secret = or_none(lambda: self.core.read_namespaced_secret(name, namespace))
+        secret = or_none(lambda: self.core.read_namespaced_secret(name, namespace, **self._timeout))
         if secret is None:
             return None
         data = secret.data or {}
@@ -140,7 +147,7 @@ class Api:
             "firstTimestamp": stamp,
             "lastTimestamp": stamp,
             "count": 1,
-        })
+        }, **self._timeout)
 
 
 def api_message(error: ApiException) -> str:

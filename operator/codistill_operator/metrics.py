@@ -42,7 +42,7 @@ def count_phases(phases: Iterable[str]) -> None:
         RUNS.labels(phase).set(tally.get(phase, 0))
 
 
-def serve(port: int):  # noqa: ANN201 - prometheus_client's (server, thread)
+def serve(port: int, address: str = "0.0.0.0"):  # noqa: ANN201 - prometheus_client's server
     """Serve /metrics on `port` in a thread; returns the server so cleanup can shut it down."""
-    server, _thread = start_http_server(port)
+    server, _thread = start_http_server(port, addr=address)
     return server

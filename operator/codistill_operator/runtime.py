@@ -24,7 +24,7 @@ class State:
         """Connected on first use, after kopf has logged in (its login reads the same config)."""
         with self._guard:
             if self._api is None:
-                self._api = Api(connect())
+                self._api = Api(connect(), self.config.api_timeout)
             return self._api
 
     def lock(self, namespace: str, name: str) -> threading.Lock:

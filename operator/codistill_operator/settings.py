@@ -17,6 +17,13 @@ class Config:
     delete_attempts: int = 5  # tries to remove a run folder before releasing the resource anyway
     delete_delay: float = 10.0  # seconds between those tries
     metrics_port: int = 9090  # 0: no metrics server
+    # Where the liveness and metrics servers listen: "::" on an IPv6-only cluster.
+    bind_address: str = "0.0.0.0"
+    api_timeout: float = 30.0  # seconds for one Kubernetes API call (connecting: at most 10)
+    refresh_concurrency: int = 8  # runs whose status is refreshed at once
+    # A refresh still running after this long is stuck (its calls all have timeouts): the
+    # liveness probe then fails, and the kubelet restarts the operator.
+    refresh_deadline: float = 300.0
     # kopf's watch of CRDs (and, namespaced, of namespaces) to notice ones created later. Off
     # for a namespaced operator: it then needs no cluster-scoped permission at all.
     scanning: bool = True
