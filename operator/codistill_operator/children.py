@@ -7,11 +7,12 @@ found and patched rather than silently left stale.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any, NamedTuple
 
-from codistill.names import API_GROUP, API_VERSION, KIND
+from codistill.names import API_GROUP, API_VERSION, KIND, LABEL_QUEUE
 from codistill.pytorchjob import render_jobs
 from codistill.spec import Codistillation
 
@@ -55,13 +56,47 @@ def desired(run: Codistillation, body: dict[str, Any], run_url: str) -> list[dic
     return jobs
 
 
+def _merged(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> dict[str, Any]:
+    return {**(theirs or {}), **(ours or {})}
+
+
+def _keep_injected(template: dict[str, Any], live: dict[str, Any]) -> None:
+    """Keep in `template` what Kueue (or another admission controller) added to the live pod
+    template on admission: node selectors, tolerations, scheduling gates, labels, annotations.
+    Ours win where both set a key; theirs are never wiped by our update."""
+    spec, live_spec = template.setdefault("spec", {}), live.get("spec") or {}
+    if live_spec.get("nodeSelector"):
+        spec["nodeSelector"] = _merged(spec.get("nodeSelector"), live_spec["nodeSelector"])
+    for key in ("tolerations", "schedulingGates"):
+        added = [x for x in live_spec.get(key) or [] if x not in (spec.get(key) or [])]
+        if added:
+            spec[key] = [*(spec.get(key) or []), *added]
+    meta, live_meta = template.setdefault("metadata", {}), live.get("metadata") or {}
+    for key in ("labels", "annotations"):
+        if live_meta.get(key):
+            meta[key] = _merged(meta.get(key), live_meta[key])
+
+
 def patch_ops(want: dict[str, Any], have: dict[str, Any]) -> list[dict[str, Any]]:
-    """A JSON patch replacing the spec and our labels; other annotations are kept."""
-    annotations = {**(have["metadata"].get("annotations") or {}), **want["metadata"]["annotations"]}
+    """A JSON patch bringing a job to our rendering, without undoing what others set on it.
+
+    With a queue (Kueue), `runPolicy.suspend: false` is Kueue's to set, on admission: a resume
+    leaves the live value alone. Labels, annotations and what admission injected into the pod
+    templates are merged, not replaced."""
+    spec = copy.deepcopy(want["spec"])
+    live = have.get("spec") or {}
+    if LABEL_QUEUE in want["metadata"]["labels"] and not spec["runPolicy"].get("suspend"):
+        spec["runPolicy"]["suspend"] = bool((live.get("runPolicy") or {}).get("suspend"))
+    for role, replica in spec["pytorchReplicaSpecs"].items():
+        live_replica = (live.get("pytorchReplicaSpecs") or {}).get(role) or {}
+        _keep_injected(replica["template"], live_replica.get("template") or {})
+    meta, live_meta = want["metadata"], have["metadata"]
     return [
-        {"op": "replace", "path": "/spec", "value": want["spec"]},
-        {"op": "add", "path": "/metadata/labels", "value": want["metadata"]["labels"]},
-        {"op": "add", "path": "/metadata/annotations", "value": annotations},
+        {"op": "replace", "path": "/spec", "value": spec},
+        {"op": "add", "path": "/metadata/labels",
+         "value": _merged(meta["labels"], live_meta.get("labels"))},
+        {"op": "add", "path": "/metadata/annotations",
+         "value": _merged(meta["annotations"], live_meta.get("annotations"))},
     ]
 
 

@@ -117,6 +117,41 @@ def test_plan_creates_patches_and_deletes_only_what_differs() -> None:
     assert children.plan(want, [want[0], patched]).update == []
 
 
+def admitted_by_kueue(job: dict[str, Any], suspend: bool) -> dict[str, Any]:
+    """A job as Kueue leaves it: suspended until admitted, then with its flavor's placement."""
+    live = copy.deepcopy(job)
+    live["spec"]["runPolicy"]["suspend"] = suspend
+    live["metadata"]["labels"]["kueue.x-k8s.io/extra"] = "x"
+    for replica in live["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]
+        pod["spec"]["nodeSelector"] = {"cloud.google.com/gke-accelerator": "h100"}
+        pod["spec"]["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+        pod["metadata"].setdefault("labels", {})["kueue.x-k8s.io/podset"] = "master"
+    return live
+
+
+@pytest.mark.parametrize("suspend", [True, False])
+def test_an_update_never_undoes_what_kueue_set(suspend: bool) -> None:
+    """Row 20: a changed spec patches the job, keeping Kueue's suspend and its placement."""
+    (old, _) = jobs_of(body(runPolicy={"queueName": "team-a"}))
+    live = admitted_by_kueue(old, suspend)
+    (new, _) = jobs_of(body(runPolicy={"queueName": "team-a"}, image="example.com/trainer:2"))
+    ((_, ops),) = children.plan([new], [live]).update
+    patched = jsonpatch.apply_patch(live, ops)
+    assert patched["spec"]["runPolicy"]["suspend"] is suspend  # Kueue's to lift, not ours
+    assert patched["metadata"]["labels"]["kueue.x-k8s.io/extra"] == "x"
+    master = patched["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert master["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "h100"}
+    assert master["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert master["metadata"]["labels"]["kueue.x-k8s.io/podset"] == "master"
+    assert master["spec"]["containers"] == new["spec"]["pytorchReplicaSpecs"]["Master"][
+        "template"]["spec"]["containers"]  # and the change itself is applied
+    assert children.plan([new], [patched]).update == []  # converged: no patch loop
+    (stop, _) = jobs_of(body(runPolicy={"queueName": "team-a", "suspend": True}, image="example.com/trainer:2"))
+    ((_, ops),) = children.plan([stop], [patched]).update
+    assert jsonpatch.apply_patch(patched, ops)["spec"]["runPolicy"]["suspend"] is True
+
+
 def test_a_changed_spec_changes_the_hash_and_nothing_else_does() -> None:
     base = jobs_of(body())[0]
     assert children.spec_hash(base) == children.spec_hash(jobs_of(body())[0])
