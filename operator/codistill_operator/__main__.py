@@ -1,20 +1,28 @@
-"""`python -m codistill_operator`: the operator, standalone (no peering), with JSON logs.
+"""`python -m codistill_operator`: the operator, with JSON logs; one leader among its replicas.
 
 Namespaces: `--namespace NS` (repeatable), or `--all-namespaces` (the default), or the env
 `WATCH_NAMESPACES=a,b`. Liveness: kopf's probe at `--liveness-port` (/healthz). Prometheus
 metrics at `--metrics-port` (/metrics). Same handlers as `kopf run -m codistill_operator.handlers`.
+With `CODISTILL_OPERATOR_LEASE_NAMESPACE` (the chart sets it), only the holder of the Lease
+`codistill-operator` there acts (leader.py); kopf's own peering is off (`standalone`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.server
 import os
+import socket
 import sys
+import threading
 
 import kopf
+import kubernetes
 
 from . import handlers  # noqa: F401 - registers the handlers
+from .k8s import connect
+from .leader import Leader
 from .settings import Config
 
 
@@ -55,16 +63,58 @@ def liveness_endpoint(options: Options) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{options.liveness_port}/healthz"
 
 
+class _Standby(http.server.BaseHTTPRequestHandler):
+    """Liveness while waiting for the Lease (kopf serves it only once it runs)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200 if self.path == "/healthz" else 404)
+        self.end_headers()
+        self.wfile.write(b'{"standby": true}')
+
+    def log_message(self, *_: object) -> None:  # probes every few seconds: not worth a line
+        pass
+
+
+def lead(options: Options) -> Leader | None:
+    """Wait until this instance leads (None: no election configured), answering liveness."""
+    namespace = options.config.lease_namespace
+    if not namespace:
+        return None
+    leader = Leader(kubernetes.client.CoordinationV1Api(connect()), namespace,
+                    timeout=options.config.api_timeout)
+    family = socket.AF_INET6 if ":" in options.config.bind_address else socket.AF_INET
+    server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})
+    server = server_class((options.config.bind_address, options.liveness_port), _Standby)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        leader.acquire()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return leader
+
+
 def main(argv: list[str] | None = None) -> None:
     options = parse(sys.argv[1:] if argv is None else argv, dict(os.environ))
     kopf.configure(verbose=options.verbose, log_format=kopf.LogFormat.JSON)
-    kopf.run(
-        standalone=True,
-        clusterwide=not options.namespaces,
-        namespaces=options.namespaces,
-        liveness_endpoint=liveness_endpoint(options),
-        memo=kopf.Memo(config=options.config),
-    )
+    leader, stop, done = lead(options), threading.Event(), threading.Event()
+    if leader is not None:
+        leader.keep(on_lost=stop.set, stop=done)
+    try:
+        kopf.run(
+            standalone=True,
+            clusterwide=not options.namespaces,
+            namespaces=options.namespaces,
+            liveness_endpoint=liveness_endpoint(options),
+            memo=kopf.Memo(config=options.config),
+            stop_flag=stop,
+        )
+    finally:
+        done.set()
+        if leader is not None and not stop.is_set():
+            leader.release()
+    if stop.is_set():  # the Lease went to another instance: restart as a standby
+        sys.exit("stopped: lost the leader lease")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ class Config:
     # A refresh still running after this long is stuck (its calls all have timeouts): the
     # liveness probe then fails, and the kubelet restarts the operator.
     refresh_deadline: float = 300.0
+    # The namespace of the leader Lease (the chart: the operator's own); empty: no election,
+    # for an operator run by hand.
+    lease_namespace: str = ""
     # kopf's watch of CRDs (and, namespaced, of namespaces) to notice ones created later. Off
     # for a namespaced operator: it then needs no cluster-scoped permission at all.
     scanning: bool = True

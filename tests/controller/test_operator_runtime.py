@@ -78,3 +78,30 @@ def test_the_probes_listen_where_configured_ipv6_too() -> None:
     options = cli.parse(["--liveness-port", "8081"], {"CODISTILL_OPERATOR_BIND_ADDRESS": "::"})
     assert cli.liveness_endpoint(options) == "http://[::]:8081/healthz"
     assert cli.liveness_endpoint(cli.parse([], {})) == "http://0.0.0.0:8080/healthz"
+
+
+def test_a_standby_answers_liveness_while_it_waits_for_the_lease(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.request
+
+    from codistill.net import free_port
+    from codistill_operator import __main__ as cli
+
+    port, answers = free_port(), []
+
+    class Waiting:
+        def __init__(self, api: object, namespace: str, timeout: float) -> None:
+            answers.append(namespace)
+
+        def acquire(self) -> None:  # what the kubelet's probe sees meanwhile
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                answers.append((r.status, r.read()))
+
+    monkeypatch.setattr(cli, "Leader", Waiting)
+    monkeypatch.setattr(cli, "connect", lambda: None)
+    env = {"CODISTILL_OPERATOR_LEASE_NAMESPACE": "codistill-system"}
+    assert cli.lead(cli.parse(["--liveness-port", str(port)], env)) is not None
+    assert answers == ["codistill-system", (200, b'{"standby": true}')]
+    with pytest.raises(OSError):  # and the port is free again for kopf's own probe server
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+    assert cli.lead(cli.parse([], {})) is None  # run by hand: no election
