@@ -1,7 +1,7 @@
 """The few Kubernetes calls the operator makes, over the official (synchronous) client.
 
 Exactly the verbs the chart's RBAC grants: codistillations get/patch (+ status), pytorchjobs
-get/list/create/patch/delete, secrets get, events create. kopf runs sync handlers in worker
+get/list/create/patch/delete, pods list, secrets get, events create. kopf runs sync handlers in worker
 threads, and the status loop calls in via `asyncio.to_thread`, so blocking calls are fine here.
 """
 
@@ -82,6 +82,13 @@ class Api:
             **self._timeout,
         )
         return [job for job in found.get("items", []) if owner_uid(job) == uid]
+
+    def list_pods(self, namespace: str, run: str) -> list[dict[str, Any]]:
+        """The pods of a run's jobs (they carry its label), as plain dicts."""
+        found = self.core.list_namespaced_pod(
+            namespace, label_selector=f"{names.LABEL_RUN}={run}", **self._timeout
+        )
+        return self.core.api_client.sanitize_for_serialization(found).get("items", [])
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return or_none(lambda: self.custom.get_namespaced_custom_object(

@@ -268,6 +268,38 @@ def test_one_failed_group_degrades_the_run_and_all_done_decides_it() -> None:
     assert observe.observe(RunStatus(), seen({0: done, 1: done}, {})).phase == "Succeeded"
 
 
+def pod(name: str, waiting: str = "", message: str = "", unschedulable: bool = False) -> dict:
+    status: dict[str, Any] = {"containerStatuses": [
+        {"name": "trainer", "state": {"waiting": {"reason": waiting, "message": message}}
+         if waiting else {"running": {}}}]}
+    if unschedulable:
+        status = {"conditions": [{"type": "PodScheduled", "status": "False",
+                                  "reason": "Unschedulable", "message": message}]}
+    return {"metadata": {"name": name}, "status": status}
+
+
+def test_pods_that_cannot_start_say_why_in_the_group_and_degrade_the_run() -> None:
+    """A job whose pod pulls a missing image stays "Created": the pods tell the cause."""
+    assert observe.pod_problem(pod("p", "ErrImagePull", 'image "x" not found')) == (
+        'pod p: ErrImagePull: image "x" not found')
+    assert observe.pod_problem(pod("p", unschedulable=True, message="0/3 nodes: gpu")) == (
+        "pod p: Unschedulable: 0/3 nodes: gpu")
+    assert observe.pod_problem(pod("p", "ContainerCreating")) is None
+    assert observe.pod_problem(pod("p")) is None
+    created = job(("Created", "True"))
+    why = observe.pod_problem(pod("demo-g1-master-0", "ImagePullBackOff", "back-off"))
+    stuck = seen({0: RUNNING, 1: created}, {})._replace(pods={1: why})
+    status = observe.observe(RunStatus(), stuck)
+    assert status.groups[1].message == why and not status.groups[0].message
+    degraded = status.condition("Degraded")
+    assert (degraded.status, degraded.reason) == ("True", "PodsNotStarting")
+    assert degraded.message == f"group 1: {why}"
+    events = observe.transitions(RunStatus(), status)
+    assert ("Warning", "RunDegraded", f"group 1: {why}") in events
+    healthy = observe.observe(status, seen({0: RUNNING, 1: RUNNING}, {}))
+    assert healthy.condition("Degraded").status == "False" and not healthy.groups[1].message
+
+
 def test_restarts_count_transitions_not_observations() -> None:
     restarting = job(("Running", "False"), ("Restarting", "True"))
     status = RunStatus()

@@ -36,6 +36,7 @@ class Observed(NamedTuple):
     progress: dict[int, Progress] | None  # group -> its progress.json; None: bucket unreadable
     max_staleness: int
     burn_in: int
+    pods: dict[int, str] = {}  # group -> why one of its pods cannot start (pod_problem)
 
 
 def timestamp(seconds: float | None = None) -> str:
@@ -61,6 +62,24 @@ def job_phase(job: dict[str, Any] | None) -> tuple[str, str | None]:
     return "Pending", None
 
 
+# Container states a pod does not leave by itself: the cause is in the spec or the cluster.
+STUCK = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+         "CreateContainerError", "RunContainerError", "CrashLoopBackOff"}
+
+
+def pod_problem(pod: dict[str, Any]) -> str | None:
+    """Why a pod cannot start or keeps failing, as the kubelet or the scheduler say; else None."""
+    status, name = pod.get("status") or {}, pod["metadata"]["name"]
+    for c in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (c.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK:
+            return f"pod {name}: {waiting['reason']}: {waiting.get('message', '')}".strip(": ")
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
+            return f"pod {name}: Unschedulable: {cond.get('message', '')}".strip(": ")
+    return None
+
+
 def group_status(seen: Observed, g: int, previous: GroupStatus | None) -> GroupStatus:
     """One group from its job and progress; with the bucket unreadable, progress as before."""
     p = None if seen.progress is None else seen.progress.get(g) or Progress(group=g)
@@ -73,7 +92,8 @@ def group_status(seen: Observed, g: int, previous: GroupStatus | None) -> GroupS
     restarts = previous.restarts if previous else 0
     if phase == "Restarting" and (previous is None or previous.phase != "Restarting"):
         restarts += 1
-    known = dict(phase=phase, restarts=restarts, message=message)
+    problem = seen.pods.get(g) if phase not in TERMINAL else None
+    known = dict(phase=phase, restarts=restarts, message=problem or message)
     if p is None:
         if previous is not None:
             return previous.model_copy(update=known)
@@ -145,6 +165,9 @@ def _degraded(seen: Observed, groups: list[GroupStatus], phase: Phase) -> Judgem
     if failed:
         names = ", ".join(f"{g.group} ({g.message or 'job failed'})" for g in failed)
         return True, "GroupFailed", f"failed groups: {names}; the others go on"
+    stuck = "; ".join(f"group {g}: {why}" for g, why in sorted(seen.pods.items()))
+    if stuck:
+        return True, "PodsNotStarting", stuck
     text = "; ".join(
         f"group {g.group} <- peers {', '.join(g.stale_peers)}" for g in groups if g.stale_peers
     )

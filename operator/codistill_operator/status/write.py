@@ -93,9 +93,26 @@ def _observe(state: State, body: dict[str, Any], old: RunStatus) -> RunStatus | 
     seen = observe.Observed(
         name=name, generation=body["metadata"].get("generation", 1), groups=groups, jobs=jobs,
         progress=progress, max_staleness=applied.max_staleness_steps,
-        burn_in=applied.burn_in_steps,
+        burn_in=applied.burn_in_steps, pods=_pod_problems(state, namespace, name),
     )
     return observe.observe(old, seen)
+
+
+def _pod_problems(state: State, namespace: str, name: str) -> dict[int, str]:
+    """Per group, why one of its pods cannot start (a job's conditions do not say: a pod
+    pulling an image that does not exist leaves its job "Created" for ever)."""
+    try:
+        pods = state.api.list_pods(namespace, name)
+    except ApiException as e:  # e.g. an older chart's RBAC without pods: status goes on
+        log.warning("pods of %s/%s not read: %s", namespace, name, e.reason)
+        return {}
+    problems: dict[int, str] = {}
+    for pod in pods:
+        label = pod["metadata"].get("labels", {}).get(names.LABEL_GROUP, "")
+        why = observe.pod_problem(pod)
+        if why and label.isdigit():
+            problems.setdefault(int(label), why)
+    return problems
 
 
 def refresh(state: State, namespace: str, name: str) -> str:
