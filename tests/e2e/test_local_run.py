@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support.localrun import codistill, manifest, read_json, start, workers_of
 
@@ -94,7 +97,6 @@ def test_killed_worker_stops_the_run_and_resumes_from_last_state(tmp_path):
     wait_for(lambda: pointer.exists() and read_json(pointer)["step"] >= 40, what="a saved state")
     victim = next(pid for pid, env in workers_of(run.as_uri()).items()
                   if env.get("CODISTILL_GROUP") == "0")
-    import os
     os.kill(victim, signal.SIGKILL)
     out, _ = launcher.communicate(timeout=60)
     assert launcher.returncode == 1, out
@@ -149,3 +151,29 @@ def test_run_against_s3_bucket(tmp_path, s3):
     assert bucket.get_json("report/report.json")["churn"]["pairs"]
     assert bucket.get_json("groups/0/teacher/LATEST.json")["step"] == 60
     assert not (tmp_path / "runs").exists()  # nothing went to the local default
+
+
+def test_a_users_own_task_trains_and_only_an_allowed_one_is_imported_from_the_folder(tmp_path):
+    """examples/custom.yaml, shortened: its workers import the task the manifest names (the
+    launcher passes it as CODISTILL_TASKS); `codistill report` of the folder, whose run.json
+    anyone with bucket access could have written, imports it only when told to."""
+    root = Path(__file__).resolve().parents[2]
+    doc = yaml.safe_load((root / "examples" / "custom.yaml").read_text())
+    doc["spec"]["groups"] = 2
+    doc["spec"]["training"].update(steps=40, evalEverySteps=20, checkpointEverySteps=20)
+    doc["spec"]["distillation"].update(burnInSteps=10, exchangeEverySteps=10,
+                                       reloadEverySteps=10, pollIntervalSeconds=0.05)
+    path = tmp_path / "custom.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "PYTHONPATH": str(root / "examples" / "custom_task")}
+    env.pop("CODISTILL_TASKS", None)
+    res = codistill("run", str(path), cwd=tmp_path, timeout=300, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    run = tmp_path / "runs" / "default" / "spirals"
+    assert read_json(run / "report" / "report.json")["ensemble"]["loss"] > 0
+    refused = codistill("report", str(run), cwd=tmp_path, env=env)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "CODISTILL_TASKS=spirals:make_task" in refused.stdout + refused.stderr
+    allowed = codistill("report", str(run), cwd=tmp_path,
+                        env={**env, "CODISTILL_TASKS": "spirals:make_task"})
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from codistill import names
 from codistill.spec import SpecError
 from codistill_trainer import datasets
 from codistill_trainer.tasks import Task, resolve
@@ -214,7 +215,7 @@ def test_missing_data_fails_when_the_task_is_built(tmp_path: Path, name: str) ->
 )
 def test_resolve_errors(tiny: Path, name: str, args: dict, expected: str) -> None:
     with pytest.raises(SpecError, match=expected):
-        resolve(name, {**args, "data_dir": str(tiny)} if ":" not in name else args)
+        resolve(name, {**args, "data_dir": str(tiny)} if ":" not in name else args, allow=[name])
 
 
 USER_TASK = """
@@ -259,11 +260,27 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
         sys.modules.pop(name, None)
 
 
-def test_resolve_a_user_task(user_module: str) -> None:
-    task = resolve(f"{user_module}:make", {"width": 5})
+def test_resolve_a_user_task(user_module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    make = f"{user_module}:make"
+    task = resolve(make, {"width": 5}, allow=[make])
     assert isinstance(task, Task) and task.name == "user-linear"
     batch = task.train_data(0, 1).batch(0, 4, 0)
     assert task.logits(task.forward(task.model(), batch)).shape == (4, 5)
     with pytest.raises(SpecError, match=r"spec\.task\.args: .*'depth'"):
-        resolve(f"{user_module}:make", {"depth": 2})
+        resolve(make, {"depth": 2}, allow=[make])
+    monkeypatch.setenv(names.ENV_TASKS, f"x:y, {user_module}:Linear")  # as the job's env says
     assert isinstance(resolve(f"{user_module}:Linear", {"width": 2}), Task)
+
+
+def test_an_import_path_from_the_bucket_is_never_imported_unless_allowed(
+        user_module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run.json is read from a shared bucket: naming `subprocess:run` there must run nothing."""
+    monkeypatch.delenv(names.ENV_TASKS, raising=False)
+    for name in ("subprocess:run", f"{user_module}:make"):
+        with pytest.raises(SpecError, match=rf"spec\.task\.name: '{name}' is not a built-in "
+                                            rf"task and CODISTILL_TASKS does not allow it"):
+            resolve(name, {"args": ["touch", "/tmp/pwned"]})
+    assert "codistill_usertask_pkg.tasks" not in sys.modules  # refused before any import
+    monkeypatch.setenv(names.ENV_TASKS, f"{user_module}:make")
+    with pytest.raises(SpecError, match="subprocess:run"):
+        resolve("subprocess:run", {"args": ["true"]})

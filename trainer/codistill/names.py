@@ -26,6 +26,7 @@ ENV_RUN_URL = "CODISTILL_RUN_URL"
 ENV_GROUP = "CODISTILL_GROUP"
 ENV_GROUPS = "CODISTILL_GROUPS"
 ENV_CPUS = "CODISTILL_CPUS"  # the container's CPU limit (cores, rounded up), for torch's threads
+ENV_TASKS = "CODISTILL_TASKS"  # import paths of tasks a trainer may import (comma-separated)
 ENV_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
 ENV_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"

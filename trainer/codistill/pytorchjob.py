@@ -41,6 +41,8 @@ def contract_env(run: Codistillation, group: int, run_url: str) -> list[dict[str
         {"name": names.ENV_CPUS, "valueFrom": {"resourceFieldRef": {
             "containerName": CONTAINER, "resource": "limits.cpu", "divisor": "1"}}},
     ]
+    if ":" in run.spec.task.name:  # from the Codistillation, not from the bucket's run.json
+        env.append({"name": names.ENV_TASKS, "value": run.spec.task.name})
     storage = run.spec.storage
     if storage.endpoint:
         env.append({"name": names.ENV_ENDPOINT, "value": storage.endpoint})

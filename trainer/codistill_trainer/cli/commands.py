@@ -20,7 +20,7 @@ def _check_task(run: spec.Codistillation) -> None:
     from ..tasks import resolve
 
     try:
-        task = resolve(run.spec.task.name, run.spec.task.args)
+        task = resolve(run.spec.task.name, run.spec.task.args, allow=(run.spec.task.name,))
         task.eval_data(run.spec.training.batch_size, 1)
     except FileNotFoundError as e:
         raise spec.SpecError(f"spec.task: {e}") from None

@@ -2,15 +2,22 @@
 
 Errors are spec errors: they name `spec.task.name` or `spec.task.args` and what was expected, so a
 typo in a manifest fails before any training starts rather than deep inside a pod.
+
+An import path is imported only when allowed: by the caller (a manifest the user gave), or by
+`CODISTILL_TASKS` in the environment (the image's, or the job's, which the operator renders from
+the Codistillation). The run.json that trainers and `codistill report` read comes from a shared
+bucket, and whoever can write there must not be able to import and call anything.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Collection
 from typing import Any
 
+from codistill.names import ENV_TASKS
 from codistill.spec import SpecError
 from codistill_trainer.tasks.base import Batch, Task, TrainData
 
@@ -22,8 +29,20 @@ BUILTINS = {
 __all__ = ["BUILTINS", "Batch", "Task", "TrainData", "int_arg", "resolve"]
 
 
-def resolve(name: str, args: dict[str, Any]) -> Task:
+def allowed(name: str, allow: Collection[str] = ()) -> bool:
+    """Whether `name` is built in, allowed by the caller, or listed in $CODISTILL_TASKS."""
+    listed = {t.strip() for t in os.environ.get(ENV_TASKS, "").split(",")}
+    return name in BUILTINS or name in allow or name in listed
+
+
+def resolve(name: str, args: dict[str, Any], allow: Collection[str] = ()) -> Task:
     """The Task that `spec.task` names, built with `args` as keyword arguments."""
+    if ":" in name and not allowed(name, allow):
+        raise SpecError(
+            f"spec.task.name: {name!r} is not a built-in task and {ENV_TASKS} does not allow "
+            f"it; set {ENV_TASKS}={name} in the trainer's environment (image or pod template) "
+            "to import it"
+        )
     factory = _factory(BUILTINS.get(name, name))
     try:
         inspect.signature(factory).bind(**args)
