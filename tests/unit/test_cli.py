@@ -37,7 +37,8 @@ def manifest(tmp_path, **spec) -> dict:
     ("no_module", "spec.task.name"),
     ("no_data", "codistill data fetch"),
     ("bad_arg", "spec.task.args"),
-    ("unreachable", "unreachable"),
+    ("unreachable", "read s3://nowhere/default/bad/run.json: EndpointConnectionError"),
+    ("markup", "metadata.name"),  # "[/x]" in the message: printed as text, never as markup
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch, case, expected):
     monkeypatch.chdir(tmp_path)
@@ -54,6 +55,8 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch, case, expect
         doc["spec"]["task"]["args"]["data_dir"] = str(tmp_path / "empty")
     elif case == "bad_arg":
         doc["spec"]["task"]["args"]["layerz"] = 3
+    elif case == "markup":
+        doc["metadata"]["name"] = "[/x]"
     elif case == "unreachable":
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
@@ -62,9 +65,26 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch, case, expect
     code, out = run_cli(capsys, "run", write(tmp_path, doc))
     assert code == 2, out
     assert out.startswith("error:") and expected in out, out
+    assert case != "markup" or "[/x]" in out
     assert "run.yaml" in out or case in ("no_module", "no_data", "bad_arg", "unreachable")
     assert not (tmp_path / "runs").exists() or case == "unreachable"
     assert not workers_of((tmp_path / "runs" / "default" / "bad").as_uri())
+
+
+def test_a_crash_report_with_log_lines_prints_as_written(tmp_path, capsys, monkeypatch):
+    """gloo's log lines look like rich markup closing tags: the report must print them."""
+    from codistill_trainer.cli import launch
+
+    def crash(*_):
+        raise launch.RunFailed("bad-g0-master-0 exited with code 1; its log ends:\n"
+                               "[/__w/pytorch/pytorch/third_party/gloo/pair.cc:537] Read error")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launch, "run_local", crash)
+    code = cli.cmd_run(type("Args", (), {"manifest": write(tmp_path, manifest(tmp_path)),
+                                         "fresh": False})())
+    out = capsys.readouterr().out
+    assert code == 1 and "[/__w/pytorch/pytorch/third_party/gloo/pair.cc:537] Read error" in out
 
 
 def test_status_of_a_folder_that_is_not_a_run(tmp_path, capsys):

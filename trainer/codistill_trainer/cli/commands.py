@@ -7,12 +7,19 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from codistill import names, spec, validation
 from codistill.runfolder import RunFolder
 from codistill.storage import Bucket, StorageError
 
-console = Console(width=None if sys.stdout.isatty() else 150)
+# No markup: what is printed holds user text and log tails ("[/__w/pytorch/...]" from gloo),
+# which rich would read as markup and fail on. Styles are given as Text instead.
+console = Console(width=None if sys.stdout.isatty() else 150, markup=False, highlight=False)
+
+
+def error(e: Exception) -> Text:
+    return Text.assemble(("error: ", "red"), str(e))
 
 
 def _check_task(run: spec.Codistillation) -> None:
@@ -34,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         folder = run_local(run, Path.cwd(), args.fresh, console)
     except RunFailed as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(error(e))
         return 1
     return _show_report(folder)
 
@@ -90,7 +97,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except spec.SpecError as e:
         why = str(e).removeprefix(f"{args.manifest}: ")
         console.print(f"{args.manifest}: valid for `codistill run` ({shape}); not for a cluster: "
-                      f"{why}", highlight=False, soft_wrap=True)
+                      f"{why}", soft_wrap=True)
         return 0 if args.local else 1
     console.print(f"{args.manifest}: valid, locally and on a cluster ({shape})", highlight=False,
                   soft_wrap=True)
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.fn(args)
     except (spec.SpecError, StorageError) as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(error(e))
         code = 2
     sys.exit(code)
 
