@@ -9,21 +9,34 @@ of every other run. Nothing read from the bucket is unpickled: its files are par
 
 from __future__ import annotations
 
+from kubernetes.client.exceptions import ApiException
+
 from codistill.runfolder import Progress, RunFolder
 from codistill.spec import Codistillation, SpecError
 from codistill.storage import Bucket
 
 from . import validate
+from .errors import MissingSecret
 from .k8s import Api
 from .status.schema import RunStatus
 
 TIMEOUT_S = 10.0  # per S3 request: a hung bucket must not hold a status sweep
+SECRET_NAMESPACES = "rbac.secretNamespaces"  # the chart value granting Secret `get` (watching all)
 ARCHIVED = ".previous-"  # <run folder>.previous-<uid>: an earlier run of the same name
 
 
 def credentials(api: Api, namespace: str, secret: str | None) -> dict[str, str]:
-    """The keys in the run's Secret ({} without one); MissingSecret when missing or incomplete."""
-    data = api.read_secret(namespace, secret) if secret else None
+    """The keys in the run's Secret ({} without one); MissingSecret when missing or incomplete,
+    or when RBAC forbids reading it (the chart grants Secret `get` only in some namespaces)."""
+    try:
+        data = api.read_secret(namespace, secret) if secret else None
+    except ApiException as e:
+        if e.status != 403:
+            raise
+        raise MissingSecret(
+            f"spec.storage.credentialsSecret: the operator may not read Secret {namespace}/"
+            f"{secret} (403 Forbidden): add {namespace} to the chart value {SECRET_NAMESPACES}"
+        ) from None
     return validate.credentials(secret, data, namespace)
 
 
@@ -41,12 +54,14 @@ def applied_folder(api: Api, namespace: str, status: RunStatus) -> RunFolder | N
 
 
 def write_run(folder: RunFolder, run: Codistillation) -> str | None:
-    """Create the bucket if missing and write run.json once per generation.
+    """Write run.json once per generation.
 
+    Reading run.json is the only probe of the bucket: it stays inside the run folder (credentials
+    may reach only a prefix), and a missing bucket fails there with a StorageError saying to
+    create it. The operator creates no bucket: the chart's dev store comes with its own.
     A run.json of another resource of this name (deleted and created again: another uid) does
     not belong to this run: the whole folder is first archived beside it, so the new run starts
     fresh and the old one's state is kept. Returns where it went, or None."""
-    folder.bucket.ensure()
     try:
         current = folder.read_run()
     except SpecError:  # unreadable: replaced by the spec in force

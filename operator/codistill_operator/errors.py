@@ -15,4 +15,5 @@ class JobConflict(Exception):
 
 
 class MissingSecret(SpecError):
-    """The credentials Secret is missing or incomplete: the user may still create it."""
+    """The credentials Secret is missing, incomplete or not readable (RBAC): the user may still
+    create it or grant the read."""

@@ -18,7 +18,7 @@ import pytest
 
 from codistill import names
 from codistill.net import free_port
-from codistill.storage import Bucket
+from codistill.storage import Bucket, StorageError
 from codistill_operator.names import FINALIZER, SPEC_HASH
 from tests.support.crdschema import INVALID, assert_meets_webhook, corpus_entry, kubeflow, validator
 from tests.support.kube import JOBS, RUNS, SECRETS, Cluster, Operator, manifest, secret, wait_for
@@ -90,9 +90,7 @@ def test_the_emulator_behaves_like_an_api_server(cluster: Cluster) -> None:
 
 def test_apply_creates_the_jobs_the_run_folder_and_ready(cluster: Cluster, operator: Operator,
                                                           s3: str) -> None:
-    doc = manifest("demo", s3, storage={"url": "s3://fresh-bucket/runs", "endpoint": s3,
-                                        "credentialsSecret": "s3-creds"})
-    cluster.create(RUNS, doc)
+    cluster.create(RUNS, manifest("demo", s3))
     run = ready(cluster, "demo")
     jobs = sorted(cluster.list(JOBS), key=lambda j: j["metadata"]["name"])
     assert [j["metadata"]["name"] for j in jobs] == ["demo-g0", "demo-g1"]
@@ -103,11 +101,10 @@ def test_apply_creates_the_jobs_the_run_folder_and_ready(cluster: Cluster, opera
         assert set(job["metadata"]["annotations"]) == {SPEC_HASH}  # kopf wrote nothing on it
         assert not job["metadata"].get("finalizers")
         assert S3_SECRET not in json.dumps(job)  # credentials only by secretKeyRef
-    # The bucket did not exist: the operator created it and wrote run.json for generation 1.
-    written = folder(s3, "demo", "s3://fresh-bucket/runs").get_json(names.RUN_JSON)
+    written = folder(s3, "demo").get_json(names.RUN_JSON)  # run.json for generation 1
     assert written["metadata"]["generation"] == 1 and written["spec"]["groups"] == 2
     status = run["status"]
-    assert status["bucket"] == "s3://fresh-bucket/runs/default/demo"
+    assert status["bucket"] == "s3://codistill-test/runs/default/demo"
     assert status["observedGeneration"] == 1 and status["applied"]["generation"] == 1
     validator().validate(run)  # the status the operator wrote fits the CRD's status schema
     assert not run["metadata"].get("finalizers")  # onDelete: Retain needs none
@@ -117,6 +114,19 @@ def test_apply_creates_the_jobs_the_run_folder_and_ready(cluster: Cluster, opera
     _, scraped = get_url(f"http://127.0.0.1:{operator.metrics}/metrics")
     assert 'codistill_reconciles_total{handler="reconcile",outcome="applied"}' in scraped
     assert "codistill_reconcile_duration_seconds_bucket" in scraped
+
+
+def test_a_missing_bucket_is_named_in_ready_and_never_created(cluster: Cluster,
+                                                              operator: Operator, s3: str) -> None:
+    storage = {"url": "s3://fresh-bucket/runs", "endpoint": s3, "credentialsSecret": "s3-creds"}
+    cluster.create(RUNS, manifest("demo", s3, storage=storage))
+    run = ready(cluster, "demo", "False", "StorageUnavailable")
+    assert condition(run, "Ready")["message"] == (
+        "read s3://fresh-bucket/runs/default/demo/run.json: bucket fresh-bucket does not exist "
+        "(create it, or enable the chart's devObjectStore)")
+    assert cluster.list(JOBS) == []
+    with pytest.raises(StorageError, match="bucket fresh-bucket does not exist"):
+        folder(s3, "demo", "s3://fresh-bucket/runs").get(names.RUN_JSON)
 
 
 def progress(group: int, step: int, loss: float, **extra: Any) -> dict[str, Any]:

@@ -4,6 +4,9 @@ S3 has no rename and no append, so nothing here relies on either: small JSON fil
 with one PUT (atomic to readers). This module holds the only retry policy for the bucket: each
 call is tried `attempts` times with exponential backoff (botocore's and s3fs's own retries are
 turned off, so one attempt really is one request), and every S3 request has a timeout.
+Credentials may reach only a prefix of the bucket, so every call stays under the folder's path
+(`archive` writes beside it): nothing probes, creates or lists the bucket itself, except
+`Bucket.ensure`, which runs never call.
 """
 
 from __future__ import annotations
@@ -104,7 +107,17 @@ class Bucket:
         self.fs, self.root = filesystem(self.url, endpoint, credentials, timeout)
 
     def _retry(self, what: str, fn: Callable[[], T], attempts: int | None = None) -> T:
-        return retry(what, fn, attempts or self.attempts)
+        """`retry`, with the two refusals a user must act on as one line saying what to do."""
+        try:
+            return retry(what, fn, attempts or self.attempts)
+        except FileNotFoundError as e:
+            if not _no_such_bucket(e):
+                raise
+            raise StorageError(f"{what}: bucket {self.root.split('/')[0]} does not exist (create "
+                               "it, or enable the chart's devObjectStore)") from None
+        except PermissionError as e:
+            raise StorageError(f"{what}: access denied ({e}); codistill needs to read, write, "
+                               f"delete and list under {self.url}/, and nothing else") from None
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -113,10 +126,13 @@ class Bucket:
         """Write a whole object; readers see the old or the new bytes, never a mix."""
         def write() -> None:
             path = self.path(rel)
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             if not isinstance(self.fs, LocalFileSystem):
-                self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+                # One PUT: atomic, and nothing else. An object store has no folders to make, and
+                # s3fs's makedirs would probe (or create) the bucket itself, which credentials
+                # scoped to a prefix may not touch.
+                self.fs.pipe_file(path, data)
                 return
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a local run's folders
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # a local file is atomic only by rename
             self.fs.pipe_file(tmp, data)
             os.replace(tmp, path)
@@ -174,15 +190,14 @@ class Bucket:
             return None
 
     def ensure(self) -> None:
-        """Create the bucket/folder if missing; fail with a clear error if it is unreachable."""
-        local = isinstance(self.fs, LocalFileSystem)
-        top = self.root if local else self.root.split("/")[0]  # an object store's bucket
+        """Create the bucket (or local folder) if missing: only for a store the caller owns
+        (the benchmarks' and tests' servers). Runs never call it: it works on the bucket itself,
+        which credentials scoped to a prefix may not touch, and a run's first write creates
+        what it needs under its folder."""
+        self._retry(f"create {self.url}", lambda: self.fs.makedirs(self.root, exist_ok=True))
 
-        def make() -> None:
-            self.fs.makedirs(self.root, exist_ok=True)  # s3fs creates a missing bucket here
-            self.fs.ls(top)
 
-        try:
-            self._retry(f"open {self.url}", make, min(self.attempts, 2))
-        except (StorageError, PermissionError, FileNotFoundError) as e:
-            raise StorageError(f"bucket {self.url} is unreachable: {e}") from None
+def _no_such_bucket(e: FileNotFoundError) -> bool:
+    """s3fs raises a missing bucket as it does a missing key; only S3's error code tells."""
+    response = getattr(e.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") == "NoSuchBucket"

@@ -21,6 +21,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.text import Text
 
 from codistill import names
 from codistill.net import free_port
@@ -78,9 +79,9 @@ def replicas(job: dict[str, Any], environ: dict[str, str], logs: Path, threads: 
 
 
 def prepare(run: Codistillation, bucket: Bucket, fresh: bool) -> RunFolder:
-    """Create the run folder and write run.json; refuse to mix two different specs in one folder
-    (a rerun of the same spec resumes)."""
-    bucket.ensure()
+    """Write run.json; refuse to mix two different specs in one folder (a rerun of the same spec
+    resumes). A local folder is created by the first write; a bucket must exist already (no
+    bucket-level call: credentials may reach only the run's prefix)."""
     folder = RunFolder(bucket)
     if fresh and bucket.exists(names.RUN_JSON):
         for name in bucket.ls(""):
@@ -172,8 +173,8 @@ def run_local(run: Codistillation, cwd: Path, fresh: bool, console: Console) -> 
     threads = max(1, (os.cpu_count() or 1) // (run.spec.groups * run.spec.world_size))
     reps = [r for job in render_jobs(run, bucket.url)
             for r in replicas(job, dict(os.environ), logs, threads)]
-    console.print(f"[bold]{run.metadata.name}[/]: {run.spec.groups} group(s) x "
-                  f"{run.spec.world_size} process(es), run folder {bucket.url}, logs {logs}")
+    console.print(Text.assemble((run.metadata.name, "bold"), f": {run.spec.groups} group(s) x "
+                  f"{run.spec.world_size} process(es), run folder {bucket.url}, logs {logs}"))
     try:
         with stop_signals():
             start(reps)
