@@ -69,9 +69,15 @@ class Api:
             API_GROUP, API_VERSION, namespace, PLURAL, name, **self._timeout
         ))
 
-    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any],
+                     resource_version: str | None = None) -> None:
+        """Merge-patch the status; with `resource_version`, only that version of the run (409
+        Conflict otherwise: it changed, or was deleted and created again, since it was read)."""
+        body: dict[str, Any] = {"status": patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": patch}, **self._timeout
+            API_GROUP, API_VERSION, namespace, PLURAL, name, body, **self._timeout
         )
 
     def list_jobs(self, namespace: str, run: dict[str, Any]) -> list[dict[str, Any]]:

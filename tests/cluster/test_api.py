@@ -15,7 +15,7 @@ import yaml
 from cluster.controlplane import ControlPlane
 from tests.cluster.stack import Stack
 from tests.support.crdschema import INVALID, corpus_entry
-from tests.support.kube import manifest
+from tests.support.kube import manifest, wait_for
 
 
 def test_server_version_and_explain(control_plane: ControlPlane, installed: Stack) -> None:
@@ -58,3 +58,28 @@ def test_a_valid_run_is_defaulted_and_listed_with_its_columns(control_plane: Con
         assert "READY" in wide and "BUCKET" in wide
     finally:
         control_plane.kubectl("delete", "codistillation", "columns", "--wait=false")
+
+
+def test_a_status_write_for_a_version_replaced_meanwhile_is_refused(control_plane: ControlPlane,
+                                                                    installed: Stack) -> None:
+    """What keeps a slow status refresh of a deleted run off the run created again under its
+    name (status/write.py, `exact`): the real API server's resourceVersion precondition."""
+    import kubernetes
+    from kubernetes.client.exceptions import ApiException
+
+    from codistill_operator.k8s import Api
+
+    api = Api(kubernetes.config.new_client_from_config(str(control_plane.kubeconfig)))
+    doc = manifest("versions", "http://127.0.0.1:9")  # no bucket: the operator records that once
+    control_plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump(doc))
+    try:
+        wait_for(lambda: (api.get_run("default", "versions").get("status") or {}).get(
+            "conditions"), "the operator's verdict")  # then it leaves the run alone for 30 s
+        read = api.get_run("default", "versions")["metadata"]["resourceVersion"]
+        api.patch_status("default", "versions", {"step": 1}, read)  # the version read: written
+        with pytest.raises(ApiException) as refused:
+            api.patch_status("default", "versions", {"step": 2}, read)  # now stale
+        assert refused.value.status == 409
+        assert api.get_run("default", "versions")["status"]["step"] == 1
+    finally:
+        control_plane.kubectl("delete", "codistillation", "versions", "--wait=false")

@@ -107,9 +107,13 @@ class Emulator(kmock.KubernetesEmulator):
         key = (request.resource, request.namespace, request.name)
         if key not in self.objects or self.objects[key].deleted:
             return
+        old = self.objects[key].raw
+        wanted = (request.data.get("metadata") or {}).get("resourceVersion") if isinstance(
+            request.data, dict) else None
+        if wanted and wanted != old["metadata"].get("resourceVersion"):  # a precondition
+            raise kmock.KubernetesError(409, "Conflict", "the object has been modified")
         if self._has_status(request.resource):
             _isolate(request.data, status_only=request.subresource == "status")
-        old = self.objects[key].raw
         try:
             new = dicts.patch_dict(copy.deepcopy(old), request.data)
         except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as e:

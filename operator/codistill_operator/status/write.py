@@ -40,11 +40,13 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def write(state: State, namespace: str, name: str, change: Change,
-          uid: str | None = None) -> RunStatus | None:
+          uid: str | None = None, exact: bool = False) -> RunStatus | None:
     """Apply `change(resource, status)` to the live status; None if the run is gone.
 
     With `uid`, only to that resource: a reconcile of a run deleted meanwhile must not write
-    its outcome on a new run created under the same name."""
+    its outcome on a new run created under the same name. `exact`: only to the version read
+    (a change that reads the bucket takes long enough for the run to be replaced meanwhile);
+    if it changed since, nothing is written and the next refresh starts over."""
     with state.lock(namespace, name):
         body = state.api.get_run(namespace, name)
         if body is None or uid not in (None, body["metadata"].get("uid")):
@@ -55,7 +57,13 @@ def write(state: State, namespace: str, name: str, change: Change,
             return old
         patch = _diff(body.get("status") or {}, new.dump())
         if patch:
-            state.api.patch_status(namespace, name, patch)
+            version = body["metadata"].get("resourceVersion") if exact else None
+            try:
+                state.api.patch_status(namespace, name, patch, version)
+            except ApiException as e:
+                if e.status != 409 or not exact:
+                    raise
+                return old
         for event in observe.transitions(old, new):
             post(state, body, *event)
         state.runs[(namespace, name)] = new.phase
@@ -117,7 +125,7 @@ def _pod_problems(state: State, namespace: str, name: str) -> dict[int, str]:
 
 def refresh(state: State, namespace: str, name: str) -> str:
     """Recompute a run's status from its jobs and the bucket; "gone" once the run is."""
-    new = write(state, namespace, name, lambda body, old: _observe(state, body, old))
+    new = write(state, namespace, name, lambda body, old: _observe(state, body, old), exact=True)
     if new is None:
         state.forget(namespace, name)
         return "gone"
