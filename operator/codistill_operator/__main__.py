@@ -97,23 +97,29 @@ def lead(options: Options) -> Leader | None:
 def main(argv: list[str] | None = None) -> None:
     options = parse(sys.argv[1:] if argv is None else argv, dict(os.environ))
     kopf.configure(verbose=options.verbose, log_format=kopf.LogFormat.JSON)
-    leader, stop, done = lead(options), threading.Event(), threading.Event()
+    leader = lead(options)
+    stop, lost, done = threading.Event(), threading.Event(), threading.Event()
+
+    def on_lost() -> None:
+        lost.set()
+        stop.set()
+
     if leader is not None:
-        leader.keep(on_lost=stop.set, stop=done)
+        leader.keep(on_lost=on_lost, stop=done)
     try:
         kopf.run(
             standalone=True,
             clusterwide=not options.namespaces,
             namespaces=options.namespaces,
             liveness_endpoint=liveness_endpoint(options),
-            memo=kopf.Memo(config=options.config),
-            stop_flag=stop,
+            memo=kopf.Memo(config=options.config, stop=stop),
+            stop_flag=stop if leader is not None else None,
         )
     finally:
         done.set()
-        if leader is not None and not stop.is_set():
+        if leader is not None and not lost.is_set():
             leader.release()
-    if stop.is_set():  # the Lease went to another instance: restart as a standby
+    if lost.is_set():  # the Lease went to another instance: restart as a standby
         sys.exit("stopped: lost the leader lease")
 
 

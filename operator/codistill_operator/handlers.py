@@ -59,6 +59,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     memo.stopping.set()
     await memo.loop  # lets the refreshes in flight finish
+    stop = memo.get("stop")
+    if stop is not None:  # a signal stopped kopf: wake the thread kopf has waiting on this flag
+        stop.set()
     if memo.metrics is not None:
         await asyncio.to_thread(memo.metrics.shutdown)
         memo.metrics.server_close()
