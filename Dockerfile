@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
-# Two images from one file:
-#   docker build --target operator -t codistill/operator:0.1.0 .
-#   docker build --target trainer  -t codistill/trainer:0.1.0 .
+# Two images from one file, built by `make images REGISTRY=...` (scripts/images.sh) or by hand:
+#   docker build --target operator -t $REGISTRY/codistill/operator:0.1.0 .
+#   docker build --target trainer  -t $REGISTRY/codistill/trainer:0.1.0 .
 # The trainer installs CPU torch by default; for CUDA pick the wheel index of your CUDA version
 # (the wheels bring their own CUDA runtime, the node only needs the NVIDIA driver):
 #   docker build --target trainer --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
@@ -10,6 +10,8 @@
 # Every package version comes from requirements/all.lock (used as pip constraints, so each image
 # installs only its own extra, pinned).
 
+# A tag, which can be moved: release builds pin the digest instead (docs/cluster.md, "Pinning
+# digests"): make images ... PYTHON_IMAGE=python:3.11.13-slim-bookworm@sha256:<digest>
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 ARG TRAINER_BASE=${PYTHON_IMAGE}
 

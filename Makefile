@@ -21,11 +21,17 @@ data: install
 demo: data
 	$(VENV)/bin/codistill run examples/quickstart.yaml --fresh
 
-test: lint
+test: lint checkov-venv
 	$(PY) -m pytest $(PYTEST)
 
 lint: install
 	$(VENV)/bin/ruff check --quiet trainer operator tests bench cluster
+
+# checkov, for the chart scan (tests/contract/test_chart_scan.py), in .venv-checkov from
+# requirements/checkov.lock: its pins clash with all.lock. Rebuilt only when the lock changes.
+.PHONY: checkov-venv
+checkov-venv: install
+	$(PY) -m tests.support.checkov
 
 # The whole production path on one machine (also part of `make test`): kubectl apply -> operator
 # -> PyTorchJobs -> trainers -> bucket -> status, on a real control plane (tests/cluster) and,
@@ -47,7 +53,7 @@ cluster-down:
 	$(PY) -m cluster.controlplane down --dir $(CLUSTER_DIR)
 
 clean:
-	rm -rf $(VENV) runs .codistill
+	rm -rf $(VENV) .venv-checkov runs .codistill
 
 # manifests/: the CRD from the run spec (codistill_operator.crd), copied into the chart's crds/, and
 # the namespace, RBAC and operator Deployment rendered from charts/codistill with default values.
@@ -56,6 +62,12 @@ clean:
 manifests: install
 	$(PY) -m codistill_operator.crd > manifests/crd.yaml
 	$(PY) -m tests.support.helm manifests
+
+# The Dockerfile's two images, $(REGISTRY)/codistill/{operator,trainer}:$(TAG), built with docker,
+# podman or buildah; PUSH=1 pushes them. REGISTRY has no default (scripts/images.sh says why).
+.PHONY: images
+images:
+	REGISTRY="$(REGISTRY)" TAG="$(TAG)" PUSH="$(PUSH)" PYTHON_IMAGE="$(PYTHON_IMAGE)" scripts/images.sh
 
 # Benchmarks (bench/, BENCHMARKS.md): the paper's claims and the system's costs, each writing
 # bench/results/<name>.json and .png. `bench` takes about an hour on 2 cores; `bench-quick` is a

@@ -159,6 +159,7 @@ def _install(world: Stack, home: Path) -> None:
     helm = Helm(ensure_helm(), home)
     done = helm.run("install", "codistill", str(CHART), "-n", SYSTEM, "--create-namespace",
                     "--kubeconfig", str(world.cp.kubeconfig), "--wait", "--timeout", "120s",
+                    "--set", "image.repository=localhost:5000/codistill/operator",
                     "--set", "image.tag=e2e", "--set", "statusIntervalSeconds=1")
     assert done.returncode == 0, done.stderr
     print(done.stdout)

@@ -113,3 +113,30 @@ def test_a_pod_template_the_job_crd_refuses_is_invalid_at_once(stack: Stack) -> 
     assert not stack.jobs("badtemplate")
     assert stack.reasons("badtemplate").count("InvalidSpec") == 1
     assert not stack.folder("badtemplate").exists("run.json")  # nothing written
+
+
+def test_bad_input_ends_in_a_condition_and_an_event_naming_the_cause(stack: Stack) -> None:
+    """Within a status interval or two (1 s here), nothing half-created (issue 11, bad input)."""
+    stack.apply("noimage", image="registry.invalid/codistill/nothing:1")
+    degraded = wait_for(lambda: (c := {c["type"]: c for c in stack.status("noimage").get(
+        "conditions") or []}.get("Degraded")) and c["status"] == "True" and c, "Degraded",
+        timeout=120)
+    assert degraded["reason"] == "PodsNotStarting" and "ErrImagePull" in degraded["message"]
+    assert "registry.invalid/codistill/nothing:1" in degraded["message"], degraded
+    wait_for(lambda: "RunDegraded" in stack.reasons("noimage"), "the RunDegraded event")
+
+    stack.kubectl("create", "secret", "generic", "half-creds", "-n", NAMESPACE,
+                  f"--from-literal=AWS_ACCESS_KEY_ID={KEYS['AWS_ACCESS_KEY_ID']}")
+    stack.apply("halfsecret", storage={**manifest(stack, "x")["spec"]["storage"],
+                                       "credentialsSecret": "half-creds"})
+    stack.apply("nobucket", storage={**manifest(stack, "x")["spec"]["storage"],
+                                     "endpoint": "http://127.0.0.1:9"})
+    for name, reason, cause in (("halfsecret", "InvalidSpec", "AWS_SECRET_ACCESS_KEY"),
+                                ("nobucket", "StorageUnavailable", "127.0.0.1:9")):
+        ready = wait_for(lambda n=name: (c := {c["type"]: c for c in stack.status(n).get(
+            "conditions") or []}.get("Ready")) and c["status"] == "False" and c, f"{name} refused")
+        assert ready["reason"] == reason and cause in ready["message"], ready
+        wait_for(lambda n=name, r=reason: r in stack.reasons(n), f"the {reason} event")
+        assert not stack.jobs(name)
+    for name in ("noimage", "halfsecret", "nobucket"):
+        stack.kubectl("delete", "codistillation", name, "-n", NAMESPACE, "--wait=false")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shlex
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 from codistill import names, spec
 from tests.support.crdschema import as_json_schema
 from tests.support.helm import (
+    BUILT_IMAGE,
     CHART,
     CRD_NAME,
     MANIFESTS,
@@ -35,8 +37,8 @@ from tests.support.helm import (
     set_json,
 )
 
-# Each documented flag (docs/cluster.md) and a mix of them.
-FLAGS: dict[str, dict[str, Any]] = {
+# Each documented flag (docs/cluster.md) and a mix of them, on top of the one required value.
+FLAGS: dict[str, dict[str, Any]] = {name: {**BUILT_IMAGE, **values} for name, values in {
     "defaults": {},
     "watchNamespaces": {"watchNamespaces": ["team-a", "team-b", "team-a"]},
     "serviceMonitor": {"metrics.serviceMonitor.enabled": True},
@@ -52,25 +54,27 @@ FLAGS: dict[str, dict[str, Any]] = {
         "image.tag": "0.2.0",
         "imagePullSecrets": [{"name": "registry"}],
     },
-}
+}.items()}
 KNOWN = {
     ("v1", "ServiceAccount"), ("v1", "Service"), ("v1", "Secret"), ("apps/v1", "Deployment"),
     ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("rbac.authorization.k8s.io/v1", "ClusterRole"),
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
-    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"), ("networking.k8s.io/v1", "NetworkPolicy"),
 }
-# The operator's contract, exactly: (apiGroup, resource) -> verbs.
+# The operator's and kopf's calls, exactly: (apiGroup, resource) -> verbs.
 OPERATOR_RIGHTS = {
     ("codistill.io", "codistillations"): {"get", "list", "watch", "patch"},
-    ("codistill.io", "codistillations/status"): {"get", "patch", "update"},
+    ("codistill.io", "codistillations/status"): {"patch"},
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
-    ("", "secrets"): {"get"},
+    ("", "events"): {"create"},
+    ("", "pods"): {"list"},  # why a group's pods cannot start (status)
 }
+# A run's bucket credentials: only by namespaced Roles (test_chart_scan.py checks where).
+SECRET_RIGHTS = {("", "secrets"): {"get"}}
 # Cluster-wide only: kopf watches CRDs to notice a Training Operator installed later.
 KOPF_CLUSTER_RIGHTS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+LEADER = "codistill-operator-leader"  # the Role for the leader Lease (leader-election.yaml)
 STANDARD_LABELS = ("name", "instance", "version", "component", "part-of", "managed-by")
 
 
@@ -143,9 +147,10 @@ def test_rbac_has_no_wildcards(render, flag: str) -> None:
 
 def test_rbac_watching_all_namespaces_is_one_cluster_role(render) -> None:
     r = render("defaults")
-    assert not kinds(r, "Role") and not kinds(r, "RoleBinding")
     (role,) = kinds(r, "ClusterRole")
     assert grants(role) == OPERATOR_RIGHTS | KOPF_CLUSTER_RIGHTS
+    assert [grants(o) for o in kinds(r, "Role") if o["metadata"]["name"] != LEADER] == [
+        SECRET_RIGHTS]  # in `default`
     (binding,) = kinds(r, "ClusterRoleBinding")
     assert binding["roleRef"]["kind"] == "ClusterRole"
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -157,14 +162,32 @@ def test_rbac_watching_all_namespaces_is_one_cluster_role(render) -> None:
     assert "--all-namespaces" in operator_pod(r)["containers"][0]["args"]
 
 
+@pytest.mark.parametrize("flag", ["defaults", "watchNamespaces"])
+def test_replicas_elect_a_leader_with_rights_to_its_lease_only(render, flag: str) -> None:
+    r = render(flag)
+    (role,) = [o for o in kinds(r, "Role") if o["metadata"]["name"] == LEADER]
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": ["codistill-operator"], "verbs": ["get", "update"]}]
+    (binding,) = [o for o in kinds(r, "RoleBinding") if o["metadata"]["name"] == LEADER]
+    assert binding["roleRef"]["name"] == LEADER
+    env = {e["name"]: e for e in operator_pod(r)["containers"][0]["env"]}
+    assert env["CODISTILL_OPERATOR_LEASE_NAMESPACE"]["valueFrom"]["fieldRef"] == {
+        "fieldPath": "metadata.namespace"}
+
+
 def test_rbac_watching_a_list_is_a_role_per_namespace_and_nothing_cluster_wide(render) -> None:
     r = render("watchNamespaces")
     assert not kinds(r, "ClusterRole") and not kinds(r, "ClusterRoleBinding")
-    roles = {o["metadata"]["namespace"]: o for o in kinds(r, "Role")}
-    bindings = {o["metadata"]["namespace"]: o for o in kinds(r, "RoleBinding")}
+    roles = {o["metadata"]["namespace"]: o for o in kinds(r, "Role")
+             if o["metadata"]["name"] != LEADER}
+    bindings = {o["metadata"]["namespace"]: o for o in kinds(r, "RoleBinding")
+                if o["metadata"]["name"] != LEADER}
     assert sorted(roles) == sorted(bindings) == ["team-a", "team-b"]
     for ns, role in roles.items():
-        assert grants(role) == OPERATOR_RIGHTS
+        assert grants(role) == OPERATOR_RIGHTS | SECRET_RIGHTS
         assert bindings[ns]["roleRef"]["name"] == role["metadata"]["name"]
         assert bindings[ns]["subjects"][0]["namespace"] == NAMESPACE
     args = operator_pod(r)["containers"][0]["args"]
@@ -179,7 +202,7 @@ def test_existing_service_account_and_no_rbac(render, helm: Helm) -> None:
     assert kinds(r, "ClusterRoleBinding")[0]["subjects"][0]["name"] == "ops"
     assert not [o for o in render("noRbac").objects if "Role" in o["kind"]]
     with pytest.raises(RuntimeError, match="serviceAccount.name is required"):
-        helm.render({"serviceAccount.create": False})
+        helm.render({**BUILT_IMAGE, "serviceAccount.create": False})
 
 
 @pytest.mark.parametrize("flag", FLAGS)
@@ -203,10 +226,13 @@ def test_every_pod_has_the_restricted_security_context(render, flag: str) -> Non
 
 def test_operator_deployment_runs_the_entry_point_with_probes(render) -> None:
     d = named(render("defaults"), "Deployment", "codistill-operator")
-    assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"] == {"type": "Recreate"}
+    assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"] == {"type": "RollingUpdate"}
     pod = d["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert c["image"] == "codistill/operator:0.1.0"
+    assert c["image"] == "localhost:5000/codistill/operator:0.1.0"
+    # runs that omit spec.image get the trainer image pushed beside the operator's
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env[spec.TRAINER_IMAGE_ENV] == "localhost:5000/codistill/trainer:0.1.0"
     assert c["command"] == ["python", "-m", "codistill_operator"]
     args = c["args"]
     assert args[args.index("--liveness-port") + 1] == "8080"
@@ -218,7 +244,9 @@ def test_operator_deployment_runs_the_entry_point_with_probes(render) -> None:
     selector = d["spec"]["selector"]["matchLabels"]
     assert selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
     mixed = operator_pod(render("mixed"))
-    assert mixed["containers"][0]["image"] == "codistill/operator:0.2.0"
+    assert mixed["containers"][0]["image"] == "localhost:5000/codistill/operator:0.2.0"
+    trainer = {"name": spec.TRAINER_IMAGE_ENV, "value": "localhost:5000/codistill/trainer:0.2.0"}
+    assert trainer in mixed["containers"][0]["env"]
     assert mixed["imagePullSecrets"] == [{"name": "registry"}]
 
 
@@ -237,7 +265,8 @@ def test_metrics_service_and_service_monitor_reach_the_operator(render, helm: He
     assert not kinds(render("defaults"), "ServiceMonitor")
     assert not kinds(render("noMetricsService"), "Service")
     with pytest.raises(RuntimeError, match="needs metrics.service.enabled"):
-        helm.render({"metrics.service.enabled": False, "metrics.serviceMonitor.enabled": True})
+        helm.render({**BUILT_IMAGE, "metrics.service.enabled": False,
+                     "metrics.serviceMonitor.enabled": True})
 
 
 def test_dev_object_store_gives_runs_a_bucket_secret_and_says_where(render, helm: Helm) -> None:
@@ -259,12 +288,14 @@ def test_dev_object_store_gives_runs_a_bucket_secret_and_says_where(render, helm
         assert line in r.notes
     assert sorted(s["metadata"]["namespace"] for s in kinds(render("mixed"), "Secret")) == [
         "codistill", "team-a", "team-c"]
-    given = helm.render({"devObjectStore.enabled": True, "devObjectStore.accessKey": "me",
+    given = helm.render({**BUILT_IMAGE, "devObjectStore.enabled": True,
+                         "devObjectStore.accessKey": "me",
                          "devObjectStore.secretKey": "long-enough"})
     data = kinds(given, "Secret")[0]["data"]
     assert base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]) == b"long-enough"
     with pytest.raises(RuntimeError, match="at least 8 characters"):
-        helm.render({"devObjectStore.enabled": True, "devObjectStore.secretKey": "short"})
+        helm.render({**BUILT_IMAGE, "devObjectStore.enabled": True,
+                     "devObjectStore.secretKey": "short"})
 
 
 def test_notes_tell_the_next_command(render) -> None:
@@ -278,13 +309,92 @@ def test_notes_tell_the_next_command(render) -> None:
     assert "kubectl apply -n default -f manifests/samples/codistillation.yaml" in notes
 
 
+def test_the_chart_runs_only_images_the_user_built(helm: Helm) -> None:
+    """No default image: nobody publishes codistill's, and a public name we do not own could
+    serve anyone's image, with the operator's rights. The trainer's defaults to beside it."""
+    with pytest.raises(RuntimeError, match=re.escape(
+            "image.repository: required: set it to where `make images REGISTRY=...` pushed the "
+            "operator image, e.g. --set image.repository=localhost:5000/codistill/operator")):
+        helm.render()
+    with pytest.raises(RuntimeError, match=re.escape(
+            "trainerImage.repository: required when image.repository does not end in /operator")):
+        helm.render({"image.repository": "registry.example.com/ops"})
+    r = helm.render({"image.repository": "registry.example.com/ops",
+                     "trainerImage.repository": "registry.example.com/train",
+                     "trainerImage.tag": "2.0"})
+    (c,) = operator_pod(r)["containers"]
+    assert c["image"] == "registry.example.com/ops:0.1.0"
+    assert {"name": spec.TRAINER_IMAGE_ENV, "value": "registry.example.com/train:2.0"} in c["env"]
+    assert "Runs that omit spec.image run registry.example.com/train:2.0." in r.notes
+    pinned = helm.render({"image.repository": "r.example.com/codistill/operator",
+                          "image.tag": "1.0@sha256:" + "a" * 64})
+    (c,) = operator_pod(pinned)["containers"]
+    assert c["image"] == "r.example.com/codistill/operator:1.0@sha256:" + "a" * 64
+    assert {"name": spec.TRAINER_IMAGE_ENV, "value": "r.example.com/codistill/trainer:1.0"} in \
+        c["env"]  # the operator's digest is not the trainer's
+
+
+def test_plain_manifests_claim_no_helm_release() -> None:
+    """kubectl applies them: labels saying Helm manages them would be false, and a later
+    `helm install` refuses to adopt objects that carry them without its release annotations."""
+    text = (MANIFESTS / "operator.yaml").read_text()
+    assert "helm.sh/chart" not in text and "managed-by: Helm" not in text
+    assert "app.kubernetes.io/name: codistill" in text  # the other labels stay
+
+
+def documented_commands(path: Path, *starts: str) -> list[str]:
+    """The commands of a markdown file's sh/bash blocks that start with one of `starts`, in
+    order, continuation lines joined."""
+    blocks = "".join(re.findall(r"```(?:sh|bash)\n(.*?)```", path.read_text(), re.S))
+    lines = blocks.replace("\\\n", " ").splitlines()
+    return [line.strip() for line in lines if line.strip().startswith(starts)]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/cluster.md"])
+def test_documented_installs_need_only_namespaces_created_before(helm: Helm, doc: str) -> None:
+    """Each documented `helm install` renders (it names the image the user built) and puts
+    objects only in namespaces that exist by then: Helm creates none but the release's, and an
+    install into a missing one fails half-way."""
+    created, installs = {"default"}, 0
+    for line in documented_commands(ROOT / doc, "kubectl create namespace", "helm install"):
+        args = shlex.split(line, comments=True)
+        if args[1] == "create":
+            created.update(args[3:])
+            continue
+        installs += 1
+        if "--create-namespace" in args:
+            created.add(args[args.index("-n") + 1])
+        flags = [str(CHART) if a == "charts/codistill" else a
+                 for a in args[2:] if a != "--create-namespace"]
+        done = helm.run("template", *flags)
+        assert done.returncode == 0, f"{doc}: `{line}`: {done.stderr.strip()}"
+        used = {o["metadata"].get("namespace") for o in yaml.safe_load_all(done.stdout) if o}
+        missing = sorted(used - created - {None})
+        assert not missing, f"{doc}: `{line}` installs into {missing} before they are created"
+    assert installs, f"{doc}: no helm install"
+
+
+UNINSTALL = ("kubectl delete codistillations --all -A", "helm uninstall codistill -n codistill",
+             "kubectl delete crd codistillations.codistill.io")
+
+
+def test_uninstall_deletes_the_runs_while_the_operator_runs(render) -> None:
+    """A run with `storage.onDelete: Delete` carries a finalizer only the operator removes:
+    deleted after `helm uninstall`, it (and the CRD, and its namespace) would hang."""
+    for where, text in [("NOTES.txt", render("defaults").notes),
+                        ("README.md", (ROOT / "README.md").read_text()),
+                        ("docs/cluster.md", (ROOT / "docs" / "cluster.md").read_text())]:
+        at = [text.find(step) for step in UNINSTALL]
+        assert -1 not in at and at == sorted(at), f"{where}: uninstall is not {UNINSTALL}"
+
+
 def test_schema_refuses_misspelt_and_invalid_values(helm: Helm) -> None:
     with pytest.raises(RuntimeError, match="watchNamespace"):
-        helm.render({"watchNamespace": ["team-a"]})
+        helm.render({**BUILT_IMAGE, "watchNamespace": ["team-a"]})
     with pytest.raises(RuntimeError, match="Not_A_Namespace"):
-        helm.render({"watchNamespaces": ["Not_A_Namespace"]})
+        helm.render({**BUILT_IMAGE, "watchNamespaces": ["Not_A_Namespace"]})
     with pytest.raises(RuntimeError, match="pullPolicy"):
-        helm.render({"image.pullPolicy": "Sometimes"})
+        helm.render({**BUILT_IMAGE, "image.pullPolicy": "Sometimes"})
 
 
 def test_manifests_are_the_chart_rendered(helm: Helm) -> None:
@@ -340,8 +450,11 @@ def test_sample_run_uses_the_dev_object_store(render) -> None:
     notes = render("devObjectStore").notes
     for key, value in doc["spec"]["storage"].items():
         assert f"{key}: {value}" in notes
+    assert "image" not in doc["spec"]  # the operator's trainer image, never a public name
+    # Named apart from the dev store's: `kubectl apply -f manifests/samples/` keeps its keys.
+    store = {s["metadata"]["name"] for s in kinds(render("devObjectStore"), "Secret")}
     secret = yaml.safe_load((MANIFESTS / "samples" / "bucket-secret.yaml").read_text())
-    assert secret["metadata"]["name"] == doc["spec"]["storage"]["credentialsSecret"]
+    assert secret["metadata"]["name"] not in store
     assert tuple(secret["stringData"]) == names.CREDENTIAL_KEYS
 
 

@@ -467,7 +467,8 @@ class ReplacedRun:
     def get_run(self, namespace: str, name: str) -> dict:
         return {"metadata": {"namespace": namespace, "name": name, "uid": "second"}}
 
-    def patch_status(self, namespace: str, name: str, patch: dict) -> None:
+    def patch_status(self, namespace: str, name: str, patch: dict,
+                     resource_version: str | None = None) -> None:
         self.patches.append(patch)
 
     def post_event(self, body: dict, kind: str, reason: str, message: str) -> None:
@@ -487,3 +488,24 @@ def test_a_reconcile_never_records_its_outcome_on_a_run_created_again() -> None:
     assert reconcile.record(state, second, True, "Applied", "2 PyTorchJobs") is True
     ready = next(c for c in api.patches[0]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True" and ready["reason"] == "Applied"
+
+
+def test_a_run_without_spec_image_runs_the_operators_trainer_image(monkeypatch) -> None:
+    """The chart sets CODISTILL_TRAINER_IMAGE on the operator (its trainerImage, what `make
+    images` built): a run that omits spec.image runs that, never a public name nobody here owns.
+    The CRD has no default for it, so the API server leaves the field absent for the operator."""
+    from codistill import spec
+    from codistill_operator import crd
+
+    def image(doc: dict[str, Any]) -> str:
+        pod = jobs_of(doc)[0]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        return pod["containers"][0]["image"]
+
+    (version,) = crd.crd()["spec"]["versions"]
+    field = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["image"]
+    assert "default" not in field
+    monkeypatch.setenv(spec.TRAINER_IMAGE_ENV, "registry.example.com/me/codistill/trainer:1.2")
+    assert image(body()) == "registry.example.com/me/codistill/trainer:1.2"
+    assert image(body(image="mine:1")) == "mine:1"
+    monkeypatch.delenv(spec.TRAINER_IMAGE_ENV)
+    assert image(body()) == spec.LOCAL_TRAINER_IMAGE == "localhost:5000/codistill/trainer:0.1.0"

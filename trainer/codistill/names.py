@@ -18,7 +18,8 @@ KUBEFLOW_GROUP = "kubeflow.org"
 KUBEFLOW_VERSION = "v1"
 PYTORCHJOB_PLURAL = "pytorchjobs"
 PYTORCHJOB_KIND = "PyTorchJob"
-CONTAINER = "pytorch"  # the controller injects its env into this container only
+CONTAINER = "pytorch"  # the trainer container: the controller's default port and name (it injects
+# MASTER_ADDR, RANK, WORLD_SIZE, PET_* into every container of the pod, sidecars too)
 MASTER_PORT = 23456  # the Training Operator's default port, named `pytorchjob-port`
 
 # Env contract into every trainer container, beside what the Training Operator injects.

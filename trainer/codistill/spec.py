@@ -8,6 +8,7 @@ error names the field it is about, e.g. ``spec.distillation.temperature``.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,12 @@ from pydantic.alias_generators import to_camel
 from . import names
 from .names import API_GROUP, API_VERSION, KIND
 
-DEFAULT_IMAGE = "codistill/trainer:0.1.0"
+# A run that omits spec.image gets the trainer image its operator was installed with: the chart
+# sets this env on the operator (its trainerImage value), so that no run pulls a public name this
+# project does not own. Unset (a local `codistill run` needs no image; an operator started by
+# hand), it is what `make images REGISTRY=localhost:5000` builds and `kind load` can load.
+TRAINER_IMAGE_ENV = "CODISTILL_TRAINER_IMAGE"
+LOCAL_TRAINER_IMAGE = "localhost:5000/codistill/trainer:0.1.0"
 # Jobs are `<name>-g<i>`, their Services `<job>-master-0` and `<job>-worker-<i>`: DNS-1035 labels
 # of at most 63 characters.
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -171,7 +177,14 @@ class Spec(_Model):
         1, ge=1, le=1024, description="Pods per group: one Master plus Workers."
     )
     nproc_per_worker: int = Field(1, ge=1, le=64, description="Processes per pod (e.g. GPUs).")
-    image: str = Field(DEFAULT_IMAGE, min_length=1, description="Trainer container image.")
+    # A default factory, not a default: the CRD then has none, so the operator sees that the
+    # field was omitted and fills in its own trainer image.
+    image: str = Field(
+        default_factory=lambda: os.environ.get(TRAINER_IMAGE_ENV) or LOCAL_TRAINER_IMAGE,
+        min_length=1,
+        description="Trainer container image. Omitted: the operator's trainer image (the "
+        "chart's trainerImage, what `make images` built).",
+    )
     template: dict[str, Any] | None = Field(
         None,
         description="Pod template merged into every trainer pod (resources, nodeSelector, "

@@ -53,6 +53,33 @@ namespace): the release's, the watched ones (or `default` when watching all), an
 {{- end }}
 {{- end }}
 
+{{/*
+The images are built by the user (`make images`), never pulled from a public name we do not own:
+an empty repository fails here, with what to set (the schema allows "" so that this message, not
+a bare minLength error, is what the user reads).
+*/}}
+{{- define "codistill.operatorImage" -}}
+{{- if not .Values.image.repository }}
+{{- fail "image.repository: required: set it to where `make images REGISTRY=...` pushed the operator image, e.g. --set image.repository=localhost:5000/codistill/operator" }}
+{{- end }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+The trainer image of runs without spec.image: by default beside the operator's, with its tag but
+not its digest (`<tag>@sha256:...` is the operator image's own).
+*/}}
+{{- define "codistill.trainerImage" -}}
+{{- $repository := .Values.trainerImage.repository }}
+{{- if not $repository }}
+{{- if not (hasSuffix "/operator" .Values.image.repository) }}
+{{- fail "trainerImage.repository: required when image.repository does not end in /operator: set it to where `make images` pushed the trainer image, e.g. --set trainerImage.repository=localhost:5000/codistill/trainer" }}
+{{- end }}
+{{- $repository = printf "%s/trainer" (trimSuffix "/operator" .Values.image.repository) }}
+{{- end }}
+{{- printf "%s:%s" $repository (.Values.trainerImage.tag | default (regexReplaceAll "@.*" .Values.image.tag "") | default .Chart.AppVersion) }}
+{{- end }}
+
 {{/* Standard app.kubernetes.io labels; call with (dict "ctx" $ "component" "operator"). */}}
 {{- define "codistill.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
@@ -88,12 +115,12 @@ capabilities:
 {{- end }}
 
 {{/*
-Exactly what the operator does, and no more:
-- codistillations: kopf lists and watches them and patches its annotations; the operator writes
-  their status through the status subresource.
-- pytorchjobs: one per group, created, converged (patch) and deleted; watched for status.
-- events: kopf and the operator post them (core v1 and events.k8s.io).
-- secrets: read-only, the run's bucket credentials, to write run.json before any job starts.
+Exactly what the operator and kopf call (operator/codistill_operator/k8s.py; kopf 1.45), no more:
+- codistillations: kopf lists and watches them and patches its finalizer and annotations (merge
+  and JSON patches); the operator reads one (get) and writes its status subresource (patch).
+- pytorchjobs: one per group, created (and dry-run created), converged (patch), deleted; watched.
+- events: core v1 only, created; neither kopf nor the operator patches or uses events.k8s.io.
+Secrets are not here: rbac.yaml grants `get` on them only in the namespaces runs use.
 */}}
 {{- define "codistill.rules" -}}
 - apiGroups: [codistill.io]
@@ -101,17 +128,14 @@ Exactly what the operator does, and no more:
   verbs: [get, list, watch, patch]
 - apiGroups: [codistill.io]
   resources: [codistillations/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
 - apiGroups: [kubeflow.org]
   resources: [pytorchjobs]
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 - apiGroups: [""]
-  resources: [secrets]
-  verbs: [get]
+  resources: [pods]
+  verbs: [list]
 {{- end }}
