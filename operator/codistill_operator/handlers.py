@@ -45,8 +45,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # silently is noticed and restarted.
     settings.networking.request_timeout = config.api_timeout
     settings.networking.connect_timeout = settings.watching.connect_timeout = 10.0
-    settings.watching.server_timeout = 300.0
-    settings.watching.client_timeout = 330.0
+    settings.watching.server_timeout = 300  # an integer: the API server parses timeoutSeconds
+    settings.watching.client_timeout = 330
     memo.state = State(config)
     memo.metrics = (metrics.serve(config.metrics_port, config.bind_address)
                     if config.metrics_port else None)

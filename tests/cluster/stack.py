@@ -155,19 +155,22 @@ def _bucket_ready(world: Stack) -> bool:
 
 
 def _install(world: Stack, home: Path) -> None:
-    """The README's cluster steps: helm install, the run namespace, the bucket Secret."""
+    """The README's cluster steps: the run namespace, helm install, the bucket Secret."""
     helm = Helm(ensure_helm(), home)
+    # The runs' namespace first: the chart puts the Role reading its Secrets there (docs: row 3)
+    world.kubectl("create", "namespace", NAMESPACE)
+    world.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
     done = helm.run("install", "codistill", str(CHART), "-n", SYSTEM, "--create-namespace",
                     "--kubeconfig", str(world.cp.kubeconfig), "--wait", "--timeout", "120s",
                     "--set", "image.repository=localhost:5000/codistill/operator",
-                    "--set", "image.tag=e2e", "--set", "statusIntervalSeconds=1")
+                    "--set", "image.tag=e2e", "--set", "statusIntervalSeconds=1",
+                    # Watching all namespaces, Secrets are read only where this says
+                    "--set-json", f'rbac.secretNamespaces=["{NAMESPACE}"]')
     assert done.returncode == 0, done.stderr
     print(done.stdout)
     # the CRD is served once the API server has published its OpenAPI (a few seconds)
     wait_for(lambda: world.cp.kubectl("explain", "codistillation", check=False).returncode == 0,
              "the Codistillation API served", timeout=60)
-    world.kubectl("create", "namespace", NAMESPACE)
-    world.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
     secret = {"apiVersion": "v1", "kind": "Secret",
               "metadata": {"name": "bucket-creds", "namespace": NAMESPACE}, "stringData": KEYS}
     world.kubectl("apply", "-f", "-", input=json.dumps(secret))

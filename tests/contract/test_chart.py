@@ -233,6 +233,7 @@ def test_operator_deployment_runs_the_entry_point_with_probes(render) -> None:
     # runs that omit spec.image get the trainer image pushed beside the operator's
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env[spec.TRAINER_IMAGE_ENV] == "localhost:5000/codistill/trainer:0.1.0"
+    assert env["CODISTILL_OPERATOR_BIND_ADDRESS"] == "0.0.0.0"  # "::" on IPv6-only clusters
     assert c["command"] == ["python", "-m", "codistill_operator"]
     args = c["args"]
     assert args[args.index("--liveness-port") + 1] == "8080"
