@@ -83,3 +83,21 @@ def test_a_status_write_for_a_version_replaced_meanwhile_is_refused(control_plan
         assert api.get_run("default", "versions")["status"]["step"] == 1
     finally:
         control_plane.kubectl("delete", "codistillation", "versions", "--wait=false")
+
+
+def test_a_second_release_watching_every_namespace_is_refused(control_plane: ControlPlane,
+                                                               installed: Stack,
+                                                               tmp_path: Path) -> None:
+    """Row 17 across releases: the Lease covers replicas and releases in one namespace; a
+    release elsewhere that would act on the same runs is refused at install."""
+    from tests.support.helm import CHART, Helm, ensure_helm
+
+    helm = Helm(ensure_helm(), tmp_path)
+    refused = helm.run("install", "second", str(CHART), "-n", "second", "--create-namespace",
+                       "--kubeconfig", str(control_plane.kubeconfig),
+                       "--set", "image.repository=localhost:5000/codistill/operator",
+                       "--skip-crds")
+    assert refused.returncode != 0
+    assert "release codistill in namespace codistill already watches every namespace" in (
+        refused.stderr), refused.stderr
+    assert "second" not in control_plane.kubectl("get", "deployments", "-A").stdout
