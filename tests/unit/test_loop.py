@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from codistill import spec
@@ -87,3 +89,68 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert trainer.w.bucket.get_json("groups/0/progress.json")["state"] == "failed"
+
+
+def failing_final_publishes(trainer: Loop, steps: int, times: int) -> list[int]:
+    """The final teacher publish fails `times` times (an outage at the end), then lands."""
+    publish, tries = trainer.publisher.publish, []
+
+    def flaky(step: int, data: bytes):
+        if step == steps:
+            tries.append(step)
+            if len(tries) <= times:
+                raise OSError("bucket unreachable")
+        return publish(step, data)
+
+    trainer.publisher.publish = flaky
+    return tries
+
+
+def test_the_final_publish_is_retried_until_it_lands(tmp_path):
+    """D3: final.json points at the final teacher, never at an older one."""
+    torch.set_num_threads(1)
+    trainer = loop(tmp_path, run_spec(tmp_path, steps=5))
+    tries = failing_final_publishes(trainer, 5, times=2)
+    trainer.run()
+    final = RunFolder(trainer.w.bucket).final(0)
+    assert len(tries) == 3 and final.teacher["step"] == 5
+
+
+def test_a_final_publish_that_never_lands_fails_the_group_without_final_json(tmp_path,
+                                                                             monkeypatch):
+    import pytest
+
+    from codistill_trainer import loop as loop_module
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(loop_module, "FINAL_TIMEOUT_S", 1.5)
+    trainer = loop(tmp_path, run_spec(tmp_path, steps=5))
+    failing_final_publishes(trainer, 5, times=100)
+    with pytest.raises(loop_module.FinalNotPublished, match="final teacher at step 5 did not"):
+        trainer.run()
+    folder = RunFolder(trainer.w.bucket)
+    assert folder.final(0) is None
+    assert trainer.w.bucket.get_json("groups/0/progress.json")["state"] == "failed"
+
+
+def test_a_failed_save_is_retried_until_it_lands_or_a_newer_one_supersedes_it():
+    from codistill_trainer.uploader import Uploader
+
+    up, ran = Uploader(), []
+
+    def flaky(tag: str, fails: int):
+        def job():
+            ran.append(tag)
+            if ran.count(tag) <= fails:
+                raise OSError("bucket unreachable")
+        return job
+
+    up.submit("state", flaky("s10", fails=2), retry=True)
+    assert up.flush(timeout=10) and ran == ["s10"] * 3 and "state" not in up.errors
+    up.submit("state", flaky("s20", fails=100), retry=True)
+    time.sleep(0.2)  # failed once, waiting for its retry
+    up.submit("state", flaky("s30", fails=0), retry=True)  # the next save supersedes it
+    assert up.flush(timeout=10) and ran[3:] == ["s20", "s30"] and "state" not in up.errors
+    up.submit("progress", flaky("p", fails=100))  # without retry: reported, not retried
+    assert up.flush(timeout=10) and ran.count("p") == 1 and "OSError" in up.errors["progress"]
+    up.close()

@@ -119,3 +119,93 @@ def test_shards_are_disjoint_and_cover():
     assert shard_of(1, 2, 1, 2, "shared") == shard_of(0, 2, 1, 2, "shared") == (1, 2)
     g1, g2 = generator(0, 1, 5), generator(0, 1, 5)
     assert torch.equal(torch.randint(0, 1000, (5,), generator=g1), torch.randint(0, 1000, (5,), generator=g2))
+
+
+def publish_tensors(bucket, group, step, tensors):
+    """Publish hostile but well-formed weights (valid safetensors, valid pointer)."""
+    teacher_channel(bucket, group).publish(step, weights_to_bytes(tensors, step))
+
+
+def test_nonfinite_or_wrong_dtype_teacher_refused_last_good_kept(tmp_path):
+    bucket = Bucket(tmp_path.as_uri())
+    publish(bucket, 1, 50, 0.5)
+    poller = PeerPoller(bucket, [1])
+    poller.poll_once()
+    teachers = Teachers(TinyTask(), poller, max_staleness=1000)
+    teachers.refresh()
+    assert teachers.steps == {1: 50}
+    good = {k: v.clone() for k, v in Linear().state_dict().items()}
+    hostile = {
+        100: {"fc.weight": torch.full((2, 3), float("nan")), "fc.bias": torch.zeros(2)},
+        150: {"fc.weight": torch.ones(2, 3), "fc.bias": torch.tensor([float("inf"), 0.0])},
+        200: {k: v.to(torch.float64) for k, v in good.items()},
+        250: {k: v.to(torch.int8) for k, v in good.items()},
+    }
+    for step, tensors in hostile.items():
+        publish_tensors(bucket, 1, step, tensors)
+        poller.poll_once()
+        assert "keeping last good teacher" in poller.warnings[1], step
+        teachers.refresh()
+        assert teachers.steps == {1: 50}, step
+        weight = teachers.models[1].fc.weight
+        assert weight.dtype == torch.float32 and torch.allclose(weight, torch.full((2, 3), 0.5))
+    assert "non-finite" in poller.warnings[1] or "float" in poller.warnings[1]
+    x = torch.randn(4, 3)
+    assert torch.isfinite(teachers.logits(type("B", (), {"inputs": x})(), [1])[0]).all()
+    publish(bucket, 1, 300, 2.0)  # a genuine publish is swapped in and clears the warning
+    poller.poll_once()
+    teachers.refresh()
+    assert teachers.steps == {1: 300} and 1 not in poller.warnings
+
+
+def test_teachers_load_refuses_bad_weights_the_poller_let_through(tmp_path):
+    """Even if a version got past the poller's checks (no layout known yet), _load refuses it
+    before touching the loaded teacher."""
+    bucket = Bucket(tmp_path.as_uri())
+    publish(bucket, 1, 50, 0.5)
+    poller = PeerPoller(bucket, [1])
+    poller.poll_once()
+    teachers = Teachers(TinyTask(), poller, max_staleness=1000)
+    teachers.refresh()
+    poller.expected = None
+    good = Linear().state_dict()
+    publish_tensors(bucket, 1, 100, {k: v.to(torch.float64) for k, v in good.items()})
+    poller.poll_once()
+    assert poller.newest()[1] == 100  # let through: only non-finite values are known bad here
+    teachers.refresh()
+    assert teachers.steps == {1: 50} and "torch.float64" in teachers.warnings[1]
+    assert torch.allclose(teachers.models[1].fc.weight, torch.full((2, 3), 0.5))
+    teachers.refresh()  # not retried at every reload boundary
+    assert teachers.steps == {1: 50}
+
+
+def test_pointer_step_out_of_range_refused(tmp_path):
+    bucket = Bucket(tmp_path.as_uri())
+    publish(bucket, 1, 50, 0.5)
+    poller = PeerPoller(bucket, [1], max_step=1000)
+    poller.poll_once()
+    teachers = Teachers(TinyTask(), poller, max_staleness=100)
+    teachers.refresh()
+    assert teachers.steps == {1: 50}
+    for step in (10**19, 10**15, 1001, -5):  # past int64, huge, past training.steps, negative
+        publish(bucket, 1, step, 9.0)
+        poller.poll_once()
+        assert poller.newest()[1] == 50, step
+        assert "keeping last good teacher" in poller.warnings[1], step
+        assert step < 0 or "outside [0, 1000]" in poller.warnings[1], step  # (-5: may be malformed)
+        teachers.refresh()  # no int64 overflow in the all-reduce
+        assert teachers.steps == {1: 50}, step
+    publish(bucket, 1, 1000, 1.0)  # genuine publishes are still swapped in, not pinned out
+    poller.poll_once()
+    teachers.refresh()
+    assert teachers.steps == {1: 1000} and 1 not in poller.warnings
+    assert teachers.usable(1000) == [1]
+
+
+def test_pointer_step_past_int64_refused_without_max_step(tmp_path):
+    bucket = Bucket(tmp_path.as_uri())
+    publish(bucket, 1, 2**63, 1.0)
+    poller = PeerPoller(bucket, [1])
+    poller.poll_once()
+    assert poller.newest() == {1: -1} and "outside" in poller.warnings[1]
+    Teachers(TinyTask(), poller, max_staleness=100).refresh()  # would raise OverflowError

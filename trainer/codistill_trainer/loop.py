@@ -40,6 +40,13 @@ class NonFiniteLoss(RuntimeError):
     """Stop before the optimizer step rather than write NaNs into the weights."""
 
 
+class FinalNotPublished(RuntimeError):
+    """The final teacher or state did not reach the bucket: no final.json from an older one."""
+
+
+FINAL_TIMEOUT_S = 300.0  # how long the final publishes are retried before the group fails
+
+
 @dataclass(frozen=True)
 class Member:
     """Who this process is: its group, its rank in the group's DDP world, and the bucket."""
@@ -127,6 +134,7 @@ class Loop:
         self.submitted = -1  # last step whose weights were handed to the uploader
         self.published: Pointer | None = None  # the last publish that landed
         self.start = self._resume()
+        self.saved = self.start if self.start else -1  # resumed: that state is in the bucket
         self.progress.restarts = self._restarts()
         self.ddp = DistributedDataParallel(self.model) if w.world > 1 else self.model
         shard, shards = shard_of(
@@ -167,7 +175,8 @@ class Loop:
         if not peers:
             return None
         poller = PeerPoller(
-            self.w.bucket, peers, self.spec.distillation.poll_interval_seconds
+            self.w.bucket, peers, self.spec.distillation.poll_interval_seconds,
+            max_step=self.spec.training.steps,  # a peer's pointer beyond it is refused (D9)
         ).start()
         return Teachers(self.task, poller, self.spec.distillation.max_staleness_steps, self.w.device)
 
@@ -237,14 +246,35 @@ class Loop:
             self.published = self.publisher.publish(done, weights_to_bytes(weights, done))
             self.progress.last_published = done
 
-        self.uploader.submit("teacher", job)
+        self.uploader.submit("teacher", job, retry=True)
 
     def save(self, done: int) -> None:
         rng = resume.rng_states()  # collective
         if self.w.rank != 0:
             return
         snap = resume.snapshot(self.model, self.opt, self.sched, done, self.progress.history, rng)
-        self.uploader.submit("state", lambda: self.states.publish(done, state_to_bytes(snap)))
+
+        def job() -> None:
+            self.states.publish(done, state_to_bytes(snap))
+            self.saved = done
+
+        self.uploader.submit("state", job, retry=True)
+
+    def _check_final(self, steps: int) -> None:
+        """final.json is written only over the final teacher and state, both landed: else the
+        report would evaluate an older model, and a restart could not resume from the end."""
+        landed = {"teacher": self.published.step if self.published else -1, "state": self.saved}
+        lost = {name: self.uploader.errors.get(name, "not written") for name, step in
+                landed.items() if step != steps}
+        if lost:
+            self.progress.state = "failed"
+            self.report_progress()
+            self.uploader.close(timeout=2)  # the "failed" record; the retries are given up
+            why = "; ".join(f"{name}: {error}" for name, error in lost.items())
+            raise FinalNotPublished(
+                f"group {self.w.group}: the final {' and '.join(lost)} at step {steps} did not "
+                f"reach the bucket in {FINAL_TIMEOUT_S:.0f} s ({why}); final.json not written, "
+                "the group fails and resumes from its last state when restarted")
 
     def warnings(self) -> list[str]:
         found = list(self.uploader.errors.values())
@@ -286,7 +316,8 @@ class Loop:
         if self.w.rank == 0:
             if self.submitted != steps:  # groups: 1 publishes only its final model (for the report)
                 self.publish(steps)
-            self.uploader.flush()
+            self.uploader.flush(FINAL_TIMEOUT_S)  # failed publishes are retried meanwhile
+            self._check_final(steps)
             self.progress.state = "finished"
             self.report_progress()
             self.uploader.close()

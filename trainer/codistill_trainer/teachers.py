@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,15 +25,57 @@ from .tasks.base import Batch, Task
 
 log = logging.getLogger(__name__)
 NONE = -1  # "no version" in the agreement tensor
+INT64_MAX = 2**63 - 1  # the agreement tensor is int64: a larger step cannot even be all-reduced
+
+# What a model's state_dict looks like: each entry's dtype and shape.
+Layout = dict[str, tuple[torch.dtype, torch.Size]]
+
+
+def layout(state: Mapping[str, torch.Tensor]) -> Layout:
+    return {k: (v.dtype, v.shape) for k, v in state.items()}
+
+
+def bad_weights(weights: Mapping[str, torch.Tensor], expected: Layout | None = None) -> str | None:
+    """Why these teacher weights must not be used, or None when they may.
+
+    `load_state_dict` silently casts (float64 or int8 into float32 parameters) and happily loads
+    NaN/inf, which then makes the student's loss non-finite: both are refused here.
+    """
+    if expected is not None:
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        if missing or extra:
+            return f"keys differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})"
+        for k, (dtype, shape) in expected.items():
+            if weights[k].dtype != dtype:
+                return f"{k} is {weights[k].dtype}, the model's is {dtype}"
+            if weights[k].shape != shape:
+                return f"{k} has shape {tuple(weights[k].shape)}, the model's is {tuple(shape)}"
+    for k, v in weights.items():
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            return f"{k} has non-finite values (NaN/inf)"
+    return None
 
 
 class PeerPoller:
     """Polls peers' pointers in a thread; keeps each peer's last few verified versions in memory."""
 
-    def __init__(self, bucket: Bucket, peers: Sequence[int], interval: float = 1.0, keep: int = 2):
+    def __init__(
+        self,
+        bucket: Bucket,
+        peers: Sequence[int],
+        interval: float = 1.0,
+        keep: int = 2,
+        max_step: int | None = None,
+        expected: Layout | None = None,
+    ):
+        """`max_step` (training.steps) bounds the pointer steps trusted; `expected` is the model's
+        `layout` that fetched weights must match (Teachers sets it when the caller did not)."""
         self.channels = {p: teacher_channel(bucket, p) for p in peers}
         self.interval, self.keep = interval, keep
+        self.max_step = INT64_MAX if max_step is None else min(max_step, INT64_MAX)
+        self.expected = expected
         self._versions: dict[int, dict[int, dict[str, torch.Tensor]]] = {p: {} for p in peers}
+        self._refused: dict[int, tuple[int, str, str]] = {}  # the last refused pointer, per peer
         self.warnings: dict[int, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -59,10 +101,21 @@ class PeerPoller:
                 pointer = channel.latest()
                 if pointer is None or pointer.step in self._versions[peer]:
                     continue
+                seen = (pointer.step, pointer.key, pointer.sha256)
+                if self._refused.get(peer) == seen:
+                    continue  # already refused (and warned about): not fetched again
+                if not 0 <= pointer.step <= self.max_step:
+                    self._refuse(peer, seen, f"pointer step {pointer.step} is outside "
+                                             f"[0, {self.max_step}]")
+                    continue
                 weights = weights_from_bytes(channel.fetch(pointer), pointer.key)
             except (CorruptCheckpoint, StorageError) as e:
                 self.warnings[peer] = f"peer {peer}: {e}; keeping last good teacher"
                 log.warning("%s", self.warnings[peer])
+                continue
+            reason = bad_weights(weights, self.expected)
+            if reason is not None:
+                self._refuse(peer, seen, f"step {pointer.step}: {reason}")
                 continue
             with self._lock:
                 versions = self._versions[peer]
@@ -70,6 +123,11 @@ class PeerPoller:
                 for old in sorted(versions)[: -self.keep]:
                     del versions[old]
             self.warnings.pop(peer, None)
+
+    def _refuse(self, peer: int, seen: tuple[int, str, str], reason: str) -> None:
+        self._refused[peer] = seen
+        self.warnings[peer] = f"peer {peer}: {reason}; keeping last good teacher"
+        log.warning("%s", self.warnings[peer])
 
     def newest(self) -> dict[int, int]:
         with self._lock:
@@ -92,6 +150,9 @@ class Teachers:
         self.models: dict[int, nn.Module] = {}
         self.steps: dict[int, int] = {}
         self.warnings: dict[int, str] = {}
+        self._refused: dict[int, int] = {}  # a step refused by _load, per peer: not retried
+        if poller.expected is None:  # so the poller thread refuses wrong dtypes before they get here
+            poller.expected = layout(task.model().state_dict())
 
     def refresh(self) -> None:
         """Swap in newer peer versions, on every rank together (a collective: call on all ranks)."""
@@ -99,7 +160,7 @@ class Teachers:
         agreed = dist.min_int([newest[p] for p in self.peers])
         loaded: dict[int, dict[str, torch.Tensor]] = {}
         for peer, step in zip(self.peers, agreed):
-            if step != NONE and step > self.steps.get(peer, NONE):
+            if step != NONE and step > self.steps.get(peer, NONE) and self._refused.get(peer) != step:
                 weights = self.poller.get(peer, step)
                 if weights is not None:
                     loaded[peer] = weights
@@ -111,10 +172,20 @@ class Teachers:
 
     def _load(self, peer: int, step: int, weights: dict[str, torch.Tensor]) -> None:
         model = self.models[peer] if peer in self.models else self.task.model().to(self.device)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as e:  # same on every rank: the blob is identical everywhere
-            self.warnings[peer] = f"peer {peer} step {step}: weights do not fit the model ({e})"
+        expected = layout(model.state_dict())
+        # Checked before loading: load_state_dict casts dtypes silently and, on a failure, may
+        # already have overwritten part of the last good teacher. The verdict is the same on
+        # every rank: the blob is identical everywhere.
+        reason = bad_weights(weights, expected)
+        if reason is None:
+            try:
+                model.load_state_dict(weights)
+            except RuntimeError as e:
+                reason = f"weights do not fit the model ({e})"
+        if reason is not None:
+            self._refused[peer] = step
+            self.warnings[peer] = f"peer {peer} step {step}: {reason}; keeping last good teacher"
+            log.warning("%s", self.warnings[peer])
             return
         model.eval().requires_grad_(False)
         self.models[peer], self.steps[peer] = model, step
