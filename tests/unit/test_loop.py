@@ -154,3 +154,20 @@ def test_a_failed_save_is_retried_until_it_lands_or_a_newer_one_supersedes_it():
     up.submit("progress", flaky("p", fails=100))  # without retry: reported, not retried
     assert up.flush(timeout=10) and ran.count("p") == 1 and "OSError" in up.errors["progress"]
     up.close()
+
+
+def test_a_group_resumed_at_its_last_step_still_reports_its_loss_and_eval(tmp_path):
+    """D21: killed during finish() (its final state saved), then restarted."""
+    torch.set_num_threads(1)
+    killed = loop(tmp_path, run_spec(tmp_path, steps=5))
+    for step in range(5):
+        killed.step(step)
+        killed.after_step(step + 1)
+    killed.uploader.close()  # the state at step 5 is saved; final.json is not written
+    resumed = loop(tmp_path, run_spec(tmp_path, steps=5))
+    assert resumed.start == 5
+    resumed.run()
+    final = RunFolder(resumed.w.bucket).final(0)
+    progress = RunFolder(resumed.w.bucket).progress(0)
+    assert final.eval_loss is not None and final.eval_loss == killed.progress.eval["evalLoss"]
+    assert progress.loss is not None and abs(progress.eval_loss - final.eval_loss) < 1e-5

@@ -152,7 +152,7 @@ class Loop:
         if saved is None:
             return 0
         step = resume.restore(saved, self.model, self.opt, self.sched, self.w.rank)
-        self.progress.history = list(saved.get("history", []))
+        self.progress.restore(saved.get("history", []))
         self.progress.resumed_from = self.progress.step = step
         log.info("group %d rank %d resumed from step %d", self.w.group, self.w.rank, step)
         return step
@@ -220,7 +220,7 @@ class Loop:
         Every rank runs this in the same order, because refresh (two MIN all-reduces), evaluate
         (one all-reduce) and save (an all-gather of RNG states) are collectives. Publishing comes
         before refreshing so a peer's reload at this same step can already see this step's
-        weights; the progress record comes last so it shows this step's eval and publish.
+        weights; progress.json is written last so it shows this step's eval and publish.
         """
         t, d = self.spec.training, self.spec.distillation
         if self.teachers and done % d.exchange_every_steps == 0:
@@ -230,10 +230,12 @@ class Loop:
         if done % t.eval_every_steps == 0 or done == t.steps:
             loss, acc = evaluate(self.task, self.model, self.eval_batches, self.w.device)
             self.progress.record_eval(done, loss, acc)
+        recording = done % PROGRESS_EVERY == 0 or done == t.steps
+        if recording:  # before the save, so a resumed group has this record in its history
+            self.progress.record()
         if done % t.checkpoint_every_steps == 0 or done == t.steps:
             self.save(done)
-        if done % PROGRESS_EVERY == 0 or done == t.steps:
-            self.progress.record()
+        if recording:
             self.report_progress()
 
     def publish(self, done: int) -> None:

@@ -59,6 +59,16 @@ class ProgressMeter:
         self._sums, self._count, self._examples, self._staleness = {}, 0, 0, None
         self._since = time.monotonic()
 
+    def restore(self, history: list[dict]) -> None:
+        """Resume from a saved history: the latest training and eval figures come back with it,
+        so a group resumed at its last step (killed during its finish) still reports them."""
+        self.history = list(history)
+        for h in reversed(self.history):
+            if not self.last and "loss" in h:
+                self.last = {k: h.get(k) for k in ("loss", "taskLoss", "distillLoss")}
+            if not self.eval and "evalLoss" in h:
+                self.eval = {"evalLoss": h["evalLoss"], "evalAccuracy": h.get("evalAccuracy")}
+
     def record_eval(self, step: int, loss: float, accuracy: float) -> None:
         self.eval = {"evalLoss": loss, "evalAccuracy": accuracy}
         self.history.append({"step": step, **self.eval})
