@@ -156,3 +156,61 @@ def test_render_prints_the_jobs_the_operator_creates(capsys):
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
         assert env["CODISTILL_RUN_URL"]["value"].endswith("/team-a/sample")
         assert "valueFrom" in env["AWS_SECRET_ACCESS_KEY"] and pod["securityContext"]["runAsNonRoot"]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("env", "spec.template.spec.containers[0].env: must be a list of mappings"),
+    ("alias", "malformed YAML: aliases (*a) are not allowed"),
+    ("binary", "not UTF-8/UTF-16 YAML text"),
+    ("newline", "metadata.name"),
+    ("namespace", "metadata.namespace"),
+    ("word", "spec.runPolicy.suspend: Input should be a valid boolean"),
+])
+def test_run_refuses_what_a_cluster_refuses_in_one_line(tmp_path, capsys, monkeypatch, case,
+                                                        expected):
+    monkeypatch.chdir(tmp_path)
+    doc = manifest(tmp_path)
+    if case == "env":
+        doc["spec"]["template"] = {"spec": {"containers": [{"name": "pytorch", "env": "x"}]}}
+    elif case == "newline":
+        doc["metadata"]["name"] = "bad\n"
+    elif case == "namespace":
+        doc["metadata"]["namespace"] = "../../../../x"
+    elif case == "word":
+        doc["spec"]["runPolicy"] = {"suspend": "yes"}
+    path = write(tmp_path, doc)
+    if case == "alias":
+        (tmp_path / "run.yaml").write_text(
+            yaml.safe_dump(doc) + "x: &a [1, 2]\ny: [*a, *a]\n")
+    elif case == "binary":
+        (tmp_path / "run.yaml").write_bytes(b"kind: \x81\x80\x00" * 10)
+    code, out = run_cli(capsys, "run", path)
+    assert code == 2 and out.startswith("error:") and "run.yaml" in out, out
+    assert expected in out, out
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.parent.glob("x"))
+
+
+def test_run_refuses_more_processes_than_the_machine_holds(tmp_path, capsys, monkeypatch):
+    import os
+
+    from codistill_trainer.cli import launch
+
+    started = []
+
+    def fake_run(run, *_):
+        started.append(run.spec.groups * run.spec.world_size)
+        raise launch.RunFailed("stopped by the test")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(launch, "run_local", fake_run)
+    path = write(tmp_path, manifest(tmp_path, groups=3, workersPerGroup=3))  # 9 > 4 x 2
+    code, out = run_cli(capsys, "run", path)
+    assert code == 2 and out.startswith("error:"), out
+    assert "9 local processes, more than 4 x 2 CPUs" in out and "--force" in out, out
+    assert started == [] and not (tmp_path / "runs").exists()
+    code, out = run_cli(capsys, "run", "--force", path)
+    assert code == 1 and started == [9], out
+    write(tmp_path, manifest(tmp_path, groups=2, workersPerGroup=4))  # 8 = 4 x 2: allowed
+    code, out = run_cli(capsys, "run", path)
+    assert code == 1 and started == [9, 8], out

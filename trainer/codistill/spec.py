@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from . import names
@@ -29,9 +36,14 @@ LOCAL_TRAINER_IMAGE = "localhost:5000/codistill/trainer:0.1.0"
 # Jobs are `<name>-g<i>`, their Services `<job>-master-0` and `<job>-worker-<i>`: DNS-1035 labels
 # of at most 63 characters.
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# Namespaces: DNS-1123 labels of at most 63 characters.
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Secret names: DNS-1123 subdomains (dots allowed), at most 253 characters.
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*(:[A-Za-z_][A-Za-z0-9_.]*)?$")
+# The list fields of a pod template that the job renderer reads: each a list of mappings.
+POD_LISTS = ("containers", "initContainers", "volumes")
+CONTAINER_LISTS = ("env", "volumeMounts", "ports", "envFrom")
 
 
 class SpecError(ValueError):
@@ -92,7 +104,7 @@ class Training(_Model):
 
 class Distillation(_Model):
     weight: float = Field(1.0, ge=0, le=1000, description="Weight of the distillation term.")
-    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature.")
+    temperature: float = Field(1.0, ge=0.01, le=100, description="Softmax temperature.")
     loss: Literal["kl", "mse"] = Field(
         "kl", description="`kl` on tempered distributions, or `mse` on logits."
     )
@@ -198,6 +210,14 @@ class Spec(_Model):
     storage: Storage = Field(default_factory=Storage, description="The shared bucket.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Job run policy.")
 
+    @field_validator("template")
+    @classmethod
+    def _template_shape(cls, template: dict[str, Any] | None) -> dict[str, Any] | None:
+        problem = template_problem(template)
+        if problem:
+            raise ValueError(problem)
+        return template
+
     @model_validator(mode="after")
     def _teachers_fit_groups(self) -> Spec:
         k = self.distillation.teachers
@@ -214,7 +234,7 @@ class Spec(_Model):
 class Metadata(_Model):
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
     name: str = Field(..., min_length=1, max_length=63)
-    namespace: str = "default"
+    namespace: str = Field("default", min_length=1, max_length=63, pattern=DNS1123_LABEL.pattern)
     generation: int = 1
     uid: str | None = None  # on a cluster: tells a re-created run from the one it replaces
 
@@ -232,10 +252,10 @@ class Codistillation(_Model):
         if self.api_version != expected:
             raise ValueError(f"apiVersion: must be {expected}, got {self.api_version}")
         longest = names.longest_name(name, self.spec.groups, self.spec.workers_per_group)
-        if not DNS1035.match(name) or len(longest) > 63:
+        if not DNS1035.fullmatch(name) or len(longest) > 63:
             raise ValueError(
                 f"metadata.name: must be a lower-case DNS-1035 label short enough that the "
-                f"Training Operator's Service '{longest}' has at most 63 characters"
+                f"Training Operator's Service {longest!r} has at most 63 characters"
             )
         return self
 
@@ -247,11 +267,43 @@ class Codistillation(_Model):
         return self.model_dump(by_alias=True, exclude={"status"}, mode="json")
 
 
+def _list_of_mappings(node: dict[str, Any], key: str, where: str) -> str | None:
+    items = node[key]
+    if not isinstance(items, list):
+        return f"{where}.{key}: must be a list of mappings, got {type(items).__name__}"
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            return f"{where}.{key}[{i}]: must be a mapping, got {type(item).__name__}"
+    return None
+
+
+def template_problem(template: dict[str, Any] | None) -> str | None:
+    """What is wrong with the shape of a pod template (relative to `template`), or None.
+
+    The job renderer reads the template's containers and their env (and the other lists below):
+    they must be lists of mappings, not strings or numbers, or rendering would fail on them."""
+    if not template:
+        return None
+    for key in ("metadata", "spec"):
+        if template.get(key) is not None and not isinstance(template[key], dict):
+            return f"{key}: must be a mapping, got {type(template[key]).__name__}"
+    pod = template.get("spec") or {}
+    for key in POD_LISTS:
+        if key in pod and (found := _list_of_mappings(pod, key, "spec")):
+            return found
+    for i, container in enumerate(pod.get("containers") or []):
+        for key in CONTAINER_LISTS:
+            if key in container and (found := _list_of_mappings(
+                    container, key, f"spec.containers[{i}]")):
+                return found
+    return None
+
+
 def _field(loc: tuple[Any, ...], msg: str) -> tuple[str, str]:
     """The dotted CR path of an error; cross-field validators prefix their message with it."""
     parts = [str(p) for p in loc if not str(p).startswith(("function-", "int", "literal"))]
     head, sep, rest = msg.partition(": ")
-    if sep and re.fullmatch(r"[A-Za-z][A-Za-z.]*", head):
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9.]*(\[\d+\][A-Za-z0-9.]*)*", head):
         parts, msg = parts + [head], rest
     return ".".join(parts), msg
 
@@ -276,13 +328,19 @@ def describe(err: ValidationError) -> str:
 
 
 def parse(doc: dict[str, Any], source: str = "manifest") -> Codistillation:
-    """Validate one manifest dict; raise SpecError naming `source` and the field."""
+    """Validate one manifest dict; raise SpecError naming `source` and the field.
+
+    JSON types are checked strictly, as the CRD's schema does (`"2"` is no integer, `"yes"` no
+    boolean; an integer is a number): `codistill run` must not accept what `kubectl apply`
+    refuses."""
     if not isinstance(doc, dict):
         raise SpecError(f"{source}: expected a mapping with apiVersion, kind, metadata, spec")
     try:
-        return Codistillation.model_validate(doc)
+        return Codistillation.model_validate(doc, strict=True)
     except ValidationError as e:
         raise SpecError(f"{source}: {describe(e)}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply") from None
 
 
 def load(path: str | Path) -> Codistillation:
@@ -290,17 +348,51 @@ def load(path: str | Path) -> Codistillation:
     return parse(read(path), str(path))
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML without aliases: `*name` would share one node in many places, so a small file
+    (a "billion laughs") expands to gigabytes when the run spec is dumped to run.json."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases (*{event.anchor}) are not allowed in a manifest",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+
+# YAML 1.1 reads `3e-4` (no dot) as a string; kubectl's YAML reader, and YAML 1.2, as a number.
+# Strict types would then refuse `lr: 3e-4`, which `kubectl apply` accepts: read it as a float.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?([0-9][0-9_]*(\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def read(path: str | Path) -> dict[str, Any]:
     """The one Codistillation document in a YAML file (others, e.g. Secrets, are skipped)."""
     path = Path(path)
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        docs = [d for d in yaml.load_all(path.read_bytes(), Loader=_Loader) if d is not None]
     except OSError as e:
         raise SpecError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.reader.ReaderError as e:
+        raise SpecError(f"{path}: not UTF-8/UTF-16 YAML text: {e.reason} at byte {e.position}"
+                        ) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8/UTF-16 YAML text: {e.reason}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: malformed YAML: nested too deeply") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
-        raise SpecError(f"{path}:{line} malformed YAML: {getattr(e, 'problem', e)}") from None
+        problem = _one_line(getattr(e, "problem", None) or e)
+        raise SpecError(f"{path}:{line} malformed YAML: {problem}") from None
     runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
     if len(runs) != 1:
         raise SpecError(f"{path}: expected exactly one document with kind: {KIND}, found {len(runs)}")

@@ -11,9 +11,8 @@ import re
 from typing import Any
 
 import fsspec
-from pydantic import ValidationError
 
-from .spec import Codistillation, SpecError, describe, parse
+from .spec import Codistillation, SpecError, parse
 
 LOCAL_ONLY = {"file", "local", "memory"}  # no two pods share these
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -36,7 +35,7 @@ def _storage(run: Codistillation) -> str | None:
 
 def _queue(run: Codistillation) -> str | None:
     name = run.spec.run_policy.queue_name
-    if name is not None and (len(name) > 63 or not LABEL_VALUE.match(name)):
+    if name is not None and (len(name) > 63 or not LABEL_VALUE.fullmatch(name)):
         return f"spec.runPolicy.queueName: must be a label value (<= 63 characters), got {name!r}"
     return None
 
@@ -46,11 +45,10 @@ def _template(run: Codistillation) -> str | None:
     unknown = sorted(set(template) - POD_TEMPLATE_KEYS)
     if unknown:
         return f"spec.template: a pod template has only metadata and spec, got {unknown}"
+    # spec.parse checked the shape: containers is a list of mappings
     containers = (template.get("spec") or {}).get("containers") or []
-    if not isinstance(containers, list):
-        return "spec.template.spec.containers: must be a list"
     for i, container in enumerate(containers):
-        if not isinstance(container, dict) or not container.get("name"):
+        if not container.get("name"):
             return f"spec.template.spec.containers[{i}].name: required"
     return None
 
@@ -58,14 +56,10 @@ def _template(run: Codistillation) -> str | None:
 def check(body: dict[str, Any], source: str) -> Codistillation:
     """The parsed run, fit for a cluster, or SpecError naming every field that is wrong.
 
-    JSON types are checked strictly too ("yes" is no boolean), as the CRD's schema does: the
-    operator must not accept what `kubectl apply` would refuse.
+    JSON types are checked strictly (by `spec.parse`, "yes" is no boolean), as the CRD's schema
+    does: the operator must not accept what `kubectl apply` would refuse.
     """
     run = parse(body, source)
-    try:
-        Codistillation.model_validate(body, strict=True)
-    except ValidationError as e:
-        raise SpecError(f"{source}: {describe(e)}") from None
     problems = [p for p in (_storage(run), _queue(run), _template(run)) if p]
     if problems:
         raise SpecError(f"{source}: {'; '.join(problems)}")

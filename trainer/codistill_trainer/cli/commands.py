@@ -34,9 +34,10 @@ def _check_task(run: spec.Codistillation) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .launch import RunFailed, run_local
+    from .launch import RunFailed, check_capacity, run_local
 
     run = spec.load(args.manifest)
+    check_capacity(run, getattr(args, "force", False))
     _check_task(run)
     try:
         folder = run_local(run, Path.cwd(), args.fresh, console)
@@ -142,6 +143,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a Codistillation manifest with local processes")
     r.add_argument("manifest", help="YAML file holding one kind: Codistillation")
     r.add_argument("--fresh", action="store_true", help="delete the run folder first")
+    r.add_argument("--force", action="store_true",
+                   help="start more processes than 4 per CPU core")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("status", help="per-group table of a run folder (path or s3:// URL)")
     s.add_argument("run")

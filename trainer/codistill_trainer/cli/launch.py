@@ -35,6 +35,7 @@ from . import kubeflow
 
 DEFAULT_STORAGE = "runs"  # local folder used as the bucket when storage.url is not set
 STOP_GRACE_S = 5.0
+PROCESSES_PER_CPU = 4  # more local processes than this per core: refused unless --force
 
 
 class RunFailed(RuntimeError):
@@ -50,6 +51,18 @@ class Replica:
     env: dict[str, str]
     log: Path
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+
+def check_capacity(run: Codistillation, force: bool = False) -> None:
+    """Refuse a local run of more processes than this machine can hold (a cluster spec of
+    64 groups x 1024 pods would start 65,536 local processes), unless `force`."""
+    cpus = os.cpu_count() or 1
+    total = run.spec.groups * run.spec.world_size
+    if total > PROCESSES_PER_CPU * cpus and not force:
+        raise SpecError(
+            f"spec: {run.spec.groups} group(s) x {run.spec.workers_per_group} worker(s) x "
+            f"{run.spec.nproc_per_worker} process(es) = {total} local processes, more than "
+            f"{PROCESSES_PER_CPU} x {cpus} CPUs can hold; use --force to start them anyway")
 
 
 def local_run_url(run: Codistillation, cwd: Path) -> str:
