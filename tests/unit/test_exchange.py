@@ -146,3 +146,186 @@ def test_archive_moves_the_whole_folder_beside_it(bucket):
     old = Bucket(url)
     assert old.get_json("run.json") == {"x": 1}
     assert teacher_channel(old, 0).latest().step == 10
+
+
+# --- Nothing read from the bucket is trusted (reliability review D4-D7, D10) ---------------------
+
+def pointer_doc(key: str, data: bytes, step: int = 10, **extra) -> bytes:
+    import hashlib
+
+    doc = {"step": step, "key": key, "sha256": hashlib.sha256(data).hexdigest(),
+           "bytes": len(data), "time": 1.0, **extra}
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("key", [
+    "../../elsewhere/10.safetensors", "/dev/zero", "sub/10.safetensors", "..", "",
+    "10.pt",  # a state blob's name, in a teacher channel
+    "10.safetensors/", "10.SAFETENSORS", "\u0663.safetensors", "10.safetensors\n", "10.xyz.safetensors",
+])
+def test_pointer_key_must_be_a_plain_name_of_its_channel(tmp_path, key):
+    bucket = Bucket(tmp_path.as_uri() + "/run")
+    ch = teacher_channel(bucket, 0)
+    blob = weights_to_bytes(weights(3.0), 10)
+    bucket.put("groups/elsewhere/10.safetensors", blob)  # what `..` would reach
+    bucket.put(ch.pointer_path, pointer_doc(key, blob))
+    with pytest.raises(CorruptCheckpoint, match="key"):
+        ch.latest()
+    with pytest.raises(CorruptCheckpoint):
+        ch.history()
+    assert load_latest(state_channel(bucket, 0)) is None
+
+
+def test_pointer_key_escaping_the_folder_is_never_fetched(tmp_path):
+    from codistill.runfolder import Pointer
+
+    bucket = Bucket(tmp_path.as_uri() + "/run")
+    ch = teacher_channel(bucket, 0)
+    blob = weights_to_bytes(weights(3.0), 10)
+    bucket.put("foreign/10.safetensors", blob)
+    ch.publish(5, weights_to_bytes(weights(1.0), 5))  # the folder exists: `..` resolves
+    import hashlib
+    forged = Pointer(10, "../../../foreign/10.safetensors", hashlib.sha256(blob).hexdigest(),
+                     len(blob), 1.0)  # e.g. from a final.json, which is parsed elsewhere
+    with pytest.raises(CorruptCheckpoint, match="key"):
+        ch.fetch(forged)
+
+
+def test_publisher_keys_are_accepted(bucket):
+    ch = state_channel(bucket, 0)
+    ch.publish(7, state_to_bytes({"step": 7}))
+    ch.publish(7, state_to_bytes({"step": 7}))  # republished: `7.<8 hex>.pt`
+    keys = [p.key for p in ch.history()]
+    assert keys[1] == "7.pt" and keys[0].startswith("7.") and len(keys[0]) == len("7.12345678.pt")
+    assert load_latest(ch) == {"step": 7}
+
+
+def test_fetch_checks_size_before_reading_and_reads_at_most_one_byte_more(tmp_path, monkeypatch):
+    bucket = Bucket(tmp_path.as_uri() + "/run")
+    ch = teacher_channel(bucket, 0)
+    pointer = ch.publish(10, weights_to_bytes(weights(1.0), 10))
+    reads = []
+    real = bucket.fs.cat_file
+
+    def spy(path, start=None, end=None, **kw):
+        reads.append((start, end))
+        return real(path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(bucket.fs, "cat_file", spy)
+    assert torch.equal(weights_from_bytes(ch.fetch(pointer))["w"], weights(1.0)["w"])
+    assert reads == [(0, pointer.bytes + 1)]
+    reads.clear()
+    with open(tmp_path / "run" / ch.folder / pointer.key, "ab") as f:
+        f.write(b"\0" * (1 << 20))  # grown: refused from its size, never read
+    with pytest.raises(CorruptCheckpoint, match="bytes"):
+        ch.fetch(pointer)
+    assert reads == []
+
+
+@pytest.mark.parametrize("previous", ["5", "null", "true", '"abc"', '{"a": 1}', "[1, null, {}]"])
+def test_non_list_previous_is_treated_as_empty(tmp_path, previous):
+    bucket = Bucket(tmp_path.as_uri() + "/run")
+    ch = state_channel(bucket, 0)
+    blob = state_to_bytes({"step": 10})
+    bucket.put(f"{ch.folder}/10.pt", blob)
+    doc = json.loads(pointer_doc("10.pt", blob))
+    bucket.put(ch.pointer_path, json.dumps(doc)[:-1].encode() + b', "previous": ' +
+               previous.encode() + b"}")
+    assert [p.key for p in ch.history()] == ["10.pt"]
+    assert load_latest(ch) == {"step": 10}
+    ch.publish(20, state_to_bytes({"step": 20}))  # the channel can still publish
+    assert [p.step for p in ch.history()] == [20, 10]
+
+
+@pytest.mark.parametrize("raw", [
+    b"[1, 2]", b'"LATEST"', b"7", b"null", b"[" * 100_000 + b"]" * 100_000,
+    b'{"step": Infinity, "key": "10.pt", "sha256": "x", "bytes": 1, "time": 1}',
+    b'{"step": 10, "key": "10.pt", "sha256": "x", "bytes": -1, "time": 1}',
+    b'{"step": 10, "key": 10, "sha256": "x", "bytes": 1, "time": 1}',
+    b'\xff\xfe garbage',
+])
+def test_garbage_pointer_is_only_ever_corrupt_checkpoint(tmp_path, raw):
+    bucket = Bucket(tmp_path.as_uri() + "/run")
+    ch = state_channel(bucket, 0)
+    bucket.put(ch.pointer_path, raw)
+    if raw == b"null":
+        assert ch.latest() is None
+    else:
+        with pytest.raises(CorruptCheckpoint):
+            ch.latest()
+    assert load_latest(ch) is None
+    ch.publish(5, state_to_bytes({"step": 5}))
+    assert load_latest(ch) == {"step": 5}
+
+
+def test_unreadable_state_pointer_falls_back_to_the_folders_blobs(bucket):
+    ch = state_channel(bucket, 0)
+    for step in (100, 200, 300):
+        ch.publish(step, state_to_bytes({"step": step}))
+    bucket.put(ch.pointer_path, b'{"step": 300, "key": ')  # torn
+    assert load_latest(ch) == {"step": 300}
+    bucket.put(f"{ch.folder}/300.pt", b"garbage")
+    bucket.put(f"{ch.folder}/250.pt", state_to_bytes({"step": 7}))  # not what its name says
+    assert load_latest(ch) == {"step": 200}
+
+
+def test_readable_pointer_whose_blobs_all_fail_falls_back_to_the_folder(tmp_path):
+    bucket = Bucket(tmp_path.as_uri() + "/run")
+    ch = state_channel(bucket, 0)
+    for step in (100, 200, 300, 400):  # keeps 200, 300, 400
+        ch.publish(step, state_to_bytes({"step": step}))
+    bucket.put(f"{ch.folder}/150.pt", state_to_bytes({"step": 150}))  # e.g. left by a restart
+    for step in (200, 300, 400):
+        bucket.put(f"{ch.folder}/{step}.pt", b"garbage")
+    assert load_latest(ch) == {"step": 150}
+
+
+def test_pruning_never_deletes_a_blob_newer_than_the_commit(bucket):
+    ch = state_channel(bucket, 0)
+    for step in (100, 200, 300):
+        ch.publish(step, state_to_bytes({"step": step}))
+    bucket.put(ch.pointer_path, b"garbage")
+    ch.publish(10, state_to_bytes({"step": 10}))  # a restart from 0 commits step 10
+    assert bucket.ls(ch.folder) == sorted(["10.pt", "100.pt", "200.pt", "300.pt", "LATEST.json"])
+    ch.publish(250, state_to_bytes({"step": 250}))
+    ch.publish(260, state_to_bytes({"step": 260}))
+    ch.publish(270, state_to_bytes({"step": 270}))
+    assert sorted(bucket.ls(ch.folder)) == ["250.pt", "260.pt", "270.pt", "300.pt", "LATEST.json"]
+
+
+def test_failed_local_write_leaves_no_temporary(tmp_path, monkeypatch):
+    from codistill.storage import StorageError
+
+    bucket = Bucket(tmp_path.as_uri() + "/run", attempts=1)
+    ch = teacher_channel(bucket, 0)
+
+    def full_disk(path, value, **kw):
+        with open(path, "wb") as f:
+            f.write(value[: len(value) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bucket.fs, "pipe_file", full_disk)
+    with pytest.raises(StorageError, match="No space left"):
+        ch.publish(10, weights_to_bytes(weights(1.0), 10))
+    monkeypatch.undo()
+    assert list((tmp_path / "run").rglob("*.tmp-*")) == []
+
+    import codistill.storage
+    def no_rename(src, dst):
+        raise PermissionError(13, "rename refused")
+    monkeypatch.setattr(codistill.storage.os, "replace", no_rename)
+    with pytest.raises(StorageError):
+        bucket.put("x.json", b"{}")
+    monkeypatch.undo()
+    assert list((tmp_path / "run").rglob("*.tmp-*")) == []
+
+
+def test_pruning_removes_stale_temporaries(tmp_path):
+    bucket = Bucket(tmp_path.as_uri() + "/run")
+    ch = teacher_channel(bucket, 0)
+    folder = tmp_path / "run" / ch.folder
+    folder.mkdir(parents=True)
+    (folder / "5.safetensors.tmp-deadbeef").write_bytes(b"partial")
+    (folder / "LATEST.json.tmp-0123abcd").write_bytes(b"{")
+    ch.publish(10, weights_to_bytes(weights(1.0), 10))
+    assert sorted(bucket.ls(ch.folder)) == ["10.safetensors", "LATEST.json"]

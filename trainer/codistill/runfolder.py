@@ -9,6 +9,7 @@ file that does not parse is reported as unreadable rather than crash its reader.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,19 @@ class CorruptCheckpoint(RuntimeError):
     """A pointer or blob that failed verification; it is never loaded."""
 
 
+# The names a channel's publisher writes: `<step>.<suffix>`, or `<step>.<8 hex>.<suffix>` when
+# that step was already published. A pointer's key is one such plain name, never a path.
+BLOB_SUFFIXES = ("safetensors", "pt")
+_KEY = re.compile(r"([0-9]+)(?:\.[0-9a-f]{8})?\.([a-z]+)", re.ASCII)
+
+
+def key_step(key: Any, suffixes: tuple[str, ...] = BLOB_SUFFIXES) -> int | None:
+    """The step of a blob name the publisher writes with one of `suffixes`; None for any other
+    string (a path, `..`, another suffix) or a non-string."""
+    m = _KEY.fullmatch(key) if isinstance(key, str) else None
+    return int(m.group(1)) if m and m.group(2) in suffixes else None
+
+
 @dataclass(frozen=True)
 class Pointer:
     """A channel's `LATEST.json` (and each entry of its `previous` list): the commit point."""
@@ -37,14 +51,25 @@ class Pointer:
     time: float
 
     @classmethod
-    def parse(cls, data: Any, where: str) -> Pointer:
+    def parse(
+        cls, data: Any, where: str, suffixes: tuple[str, ...] = BLOB_SUFFIXES
+    ) -> Pointer:
+        """A pointer read from a bucket: its key must be a blob name of its own channel folder
+        (see `key_step`), never a path; anything else is CorruptCheckpoint."""
+        if not isinstance(data, dict):
+            raise CorruptCheckpoint(f"{where}: malformed pointer (a {type(data).__name__})")
         try:
-            return cls(
-                step=int(data["step"]), key=str(data["key"]), sha256=str(data["sha256"]),
+            pointer = cls(
+                step=int(data["step"]), key=data["key"], sha256=str(data["sha256"]),
                 bytes=int(data["bytes"]), time=float(data["time"]),
             )
-        except (TypeError, KeyError, ValueError) as e:
+        except (TypeError, KeyError, ValueError, OverflowError) as e:
             raise CorruptCheckpoint(f"{where}: malformed pointer ({e!r})") from None
+        if key_step(pointer.key, suffixes) is None:
+            raise CorruptCheckpoint(f"{where}: malformed pointer (key {pointer.key!r:.80})")
+        if pointer.bytes < 0:
+            raise CorruptCheckpoint(f"{where}: malformed pointer (bytes {pointer.bytes})")
+        return pointer
 
 
 class _File(BaseModel):

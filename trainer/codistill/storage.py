@@ -11,6 +11,7 @@ Credentials may reach only a prefix of the bucket, so every call stays under the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRIES = 4  # attempts per call for trainers, which must ride out a short outage
 TIMEOUT_S = 30.0  # connect and read timeout of one S3 request
+TMP_MARK = ".tmp-"  # `<name>.tmp-<8 hex>`: a local write before its rename (see `Bucket.put`)
 
 
 class StorageError(RuntimeError):
@@ -133,14 +135,26 @@ class Bucket:
                 self.fs.pipe_file(path, data)
                 return
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a local run's folders
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # a local file is atomic only by rename
-            self.fs.pipe_file(tmp, data)
-            os.replace(tmp, path)
+            tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"  # local files are atomic only by rename
+            try:
+                self.fs.pipe_file(tmp, data)
+                os.replace(tmp, path)
+            except BaseException:  # e.g. ENOSPC: leave no partial file behind
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
 
         self._retry(f"write {self.url}/{rel}", write)
 
-    def get(self, rel: str) -> bytes:
-        return self._retry(f"read {self.url}/{rel}", lambda: self.fs.cat_file(self.path(rel)))
+    def get(self, rel: str, limit: int | None = None) -> bytes:
+        """The object's bytes; with `limit`, at most that many (a blob bigger than its pointer
+        says must not be read whole into memory)."""
+        end = {} if limit is None else {"start": 0, "end": limit}
+        return self._retry(f"read {self.url}/{rel}",
+                           lambda: self.fs.cat_file(self.path(rel), **end))
+
+    def size(self, rel: str) -> int:
+        return self._retry(f"stat {self.url}/{rel}", lambda: self.fs.size(self.path(rel)))
 
     def exists(self, rel: str) -> bool:
         return self._retry(f"stat {self.url}/{rel}", lambda: self.fs.exists(self.path(rel)))

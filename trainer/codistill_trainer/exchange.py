@@ -25,8 +25,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from codistill import names
-from codistill.runfolder import CorruptCheckpoint, Pointer
-from codistill.storage import Bucket
+from codistill.runfolder import CorruptCheckpoint, Pointer, key_step
+from codistill.storage import TMP_MARK, Bucket
 
 
 class Channel:
@@ -51,47 +51,91 @@ class Channel:
         except CorruptCheckpoint:  # a garbage pointer is replaced, not trusted
             history = []
         self.bucket.put_json(self.pointer_path, {**asdict(latest), "previous": history})
-        self._prune({latest.key, *(p["key"] for p in history)})
+        self._prune({latest.key, *(p["key"] for p in history)}, step)
         return latest
 
     def _read_pointer(self) -> dict[str, Any] | None:
+        where = f"{self.bucket.url}/{self.pointer_path}"
         try:
-            return self.bucket.get_json(self.pointer_path)
-        except ValueError as e:  # torn or garbage JSON
-            raise CorruptCheckpoint(f"{self.bucket.url}/{self.pointer_path}: {e}") from None
+            data = self.bucket.get_json(self.pointer_path)
+        except (ValueError, RecursionError) as e:  # torn, garbage or absurdly nested JSON
+            raise CorruptCheckpoint(f"{where}: {type(e).__name__}: {e}"[:300]) from None
+        if data is not None and not isinstance(data, dict):
+            raise CorruptCheckpoint(f"{where}: expected a JSON object, got {type(data).__name__}")
+        return data
+
+    def _parse(self, data: Any) -> Pointer:
+        return Pointer.parse(data, f"{self.bucket.url}/{self.pointer_path}", (self.suffix,))
 
     def latest(self) -> Pointer | None:
         """The committed newest blob, or None when nothing was published yet."""
         data = self._read_pointer()
-        return None if data is None else Pointer.parse(data, f"{self.bucket.url}/{self.pointer_path}")
+        return None if data is None else self._parse(data)
 
     def history(self) -> list[Pointer]:
-        """The newest pointer, then the older retained ones (newest first)."""
+        """The newest pointer, then the older retained ones (newest first). A malformed newest
+        pointer is CorruptCheckpoint; malformed older entries are skipped."""
         data = self._read_pointer()
         if data is None:
             return []
-        where = f"{self.bucket.url}/{self.pointer_path}"
-        return [Pointer.parse(data, where)] + [
-            Pointer.parse(p, where) for p in data.get("previous", []) if isinstance(p, dict)
-        ]
+        found = [self._parse(data)]
+        previous = data.get("previous")
+        for p in previous if isinstance(previous, list) else []:
+            try:
+                found.append(self._parse(p))
+            except CorruptCheckpoint:
+                continue
+        return found
+
+    def blobs(self) -> list[tuple[int, str]]:
+        """`(step, key)` of every blob in the folder, committed or not, newest step first: what
+        is left to try when the pointer itself cannot be read."""
+        found = [(key_step(name, (self.suffix,)), name) for name in self.bucket.ls(self.folder)]
+        return sorted(((s, n) for s, n in found if s is not None), reverse=True)
+
+    def read_blob(self, key: str) -> bytes:
+        """A blob's bytes without a pointer to verify them against (the caller must verify its
+        content); CorruptCheckpoint when `key` is not a blob name of this channel or is missing."""
+        if key_step(key, (self.suffix,)) is None:
+            raise CorruptCheckpoint(f"{self.bucket.url}/{self.folder}: bad blob name {key!r:.80}")
+        try:
+            return self.bucket.get(f"{self.folder}/{key}")
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{self.bucket.url}/{self.folder}/{key}: missing") from None
 
     def fetch(self, pointer: Pointer) -> bytes:
-        """The blob's bytes, verified against the pointer's size and sha256."""
-        where = f"{self.bucket.url}/{self.folder}/{pointer.key}"
+        """The blob's bytes, verified against the pointer's size and sha256. The size is checked
+        before reading, and no more than `pointer.bytes + 1` bytes are ever read."""
+        if key_step(pointer.key, (self.suffix,)) is None or pointer.bytes < 0:
+            raise CorruptCheckpoint(
+                f"{self.bucket.url}/{self.pointer_path}: bad pointer key {pointer.key!r:.80}"
+            )
+        rel = f"{self.folder}/{pointer.key}"
+        where = f"{self.bucket.url}/{rel}"
         try:
-            data = self.bucket.get(f"{self.folder}/{pointer.key}")
+            size = self.bucket.size(rel)
+            if size != pointer.bytes:
+                raise CorruptCheckpoint(f"{where}: {size} bytes, pointer says {pointer.bytes}")
+            data = self.bucket.get(rel, limit=pointer.bytes + 1)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{where}: missing (pruned or never written)") from None
-        if len(data) != pointer.bytes:
+        if len(data) != pointer.bytes:  # it changed between the stat and the read
             raise CorruptCheckpoint(f"{where}: {len(data)} bytes, pointer says {pointer.bytes}")
         if hashlib.sha256(data).hexdigest() != pointer.sha256:
             raise CorruptCheckpoint(f"{where}: sha256 mismatch")
         return data
 
-    def _prune(self, keep: set[str]) -> None:
+    def _prune(self, keep: set[str], committed: int) -> None:
+        """Delete blobs not in `keep`, except any with a step >= `committed` (the step just
+        committed: a newer blob is never lost to a restart from an older state), and stale
+        temporaries of failed local writes (one writer per channel: none is in flight now)."""
         for name in self.bucket.ls(self.folder):
-            if name.endswith(f".{self.suffix}") and name not in keep:
+            if TMP_MARK in name:
                 self.bucket.rm(f"{self.folder}/{name}")
+            elif name.endswith(f".{self.suffix}") and name not in keep:
+                step = key_step(name, (self.suffix,))
+                if step is None or step < committed:
+                    self.bucket.rm(f"{self.folder}/{name}")
 
 
 def teacher_channel(bucket: Bucket, group: int) -> Channel:

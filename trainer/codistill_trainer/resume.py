@@ -55,18 +55,41 @@ def snapshot(
     }
 
 
+def _verified(state: Any, step: int, where: str) -> dict[str, Any]:
+    """A loaded state that is what its name says: a dict whose `step` is the blob's step."""
+    if not isinstance(state, dict) or type(state.get("step")) is not int or state["step"] != step:
+        raise CorruptCheckpoint(f"{where}: not the training state of step {step}")
+    return state
+
+
 def load_latest(channel: Channel) -> dict[str, Any] | None:
-    """The newest state that verifies, falling back to older retained ones; None if there is none."""
+    """The newest state that verifies, falling back to older retained ones; None if there is none.
+
+    The pointer's entries come first (size and sha256 checked). When the pointer is unreadable,
+    or none of its entries verifies, the folder's other blobs are tried newest first, each
+    verified by loading it, so a bad pointer costs at most the blobs that are bad themselves."""
+    tried: set[str] = set()
     try:
         candidates = channel.history()
     except CorruptCheckpoint as e:
         log.warning("ignoring state pointer: %s", e)
-        return None
+        candidates = []
     for pointer in candidates:
+        tried.add(pointer.key)
         try:
             return state_from_bytes(channel.fetch(pointer), pointer.key)
         except CorruptCheckpoint as e:
             log.warning("skipping state at step %d: %s", pointer.step, e)
+    for step, key in channel.blobs():
+        if key in tried:
+            continue
+        try:
+            state = _verified(state_from_bytes(channel.read_blob(key), key), step, key)
+        except CorruptCheckpoint as e:
+            log.warning("skipping uncommitted state %s: %s", key, e)
+            continue
+        log.warning("state pointer unusable: resuming from blob %s, found in the folder", key)
+        return state
     return None
 
 
