@@ -66,5 +66,5 @@ def stack(installed: Stack) -> Iterator[Stack]:
     yield installed
     for run in installed.get("codistillations") or []:
         installed.kubectl("delete", "codistillation", run["metadata"]["name"], "-n", NAMESPACE,
-                          "--wait=false")
+                          "--wait=false", "--ignore-not-found")  # may be going already
     wait_for(lambda: not installed.get("pods"), "every trainer pod gone", timeout=120)

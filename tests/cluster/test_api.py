@@ -75,8 +75,18 @@ def test_a_status_write_for_a_version_replaced_meanwhile_is_refused(control_plan
     try:
         wait_for(lambda: (api.get_run("default", "versions").get("status") or {}).get(
             "conditions"), "the operator's verdict")  # then it leaves the run alone for 30 s
-        read = api.get_run("default", "versions")["metadata"]["resourceVersion"]
-        api.patch_status("default", "versions", {"step": 1}, read)  # the version read: written
+        def write_fresh() -> str | None:
+            """Read, then write that version; None when the operator wrote in between."""
+            read = api.get_run("default", "versions")["metadata"]["resourceVersion"]
+            try:
+                api.patch_status("default", "versions", {"step": 1}, read)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                return None
+            return read
+
+        read = wait_for(write_fresh, "a write of the version just read")  # written
         with pytest.raises(ApiException) as refused:
             api.patch_status("default", "versions", {"step": 2}, read)  # now stale
         assert refused.value.status == 409

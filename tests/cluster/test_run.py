@@ -138,5 +138,3 @@ def test_bad_input_ends_in_a_condition_and_an_event_naming_the_cause(stack: Stac
         assert ready["reason"] == reason and cause in ready["message"], ready
         wait_for(lambda n=name, r=reason: r in stack.reasons(n), f"the {reason} event")
         assert not stack.jobs(name)
-    for name in ("noimage", "halfsecret", "nobucket"):
-        stack.kubectl("delete", "codistillation", name, "-n", NAMESPACE, "--wait=false")
