@@ -57,13 +57,19 @@ def test_poller_fetches_newest_and_keeps_last_good(tmp_path):
     assert "keeping last good teacher" in poller.warnings[1]
 
 
-def test_teachers_swap_and_skip_stale(tmp_path):
+def teacher_at_50(tmp_path, max_staleness: int) -> tuple[Bucket, PeerPoller, Teachers]:
+    """Peer 1 published weights of 0.5 at step 50, polled and loaded as the teacher."""
     bucket = Bucket(tmp_path.as_uri())
     publish(bucket, 1, 50, 0.5)
     poller = PeerPoller(bucket, [1])
     poller.poll_once()
-    teachers = Teachers(TinyTask(), poller, max_staleness=100)
+    teachers = Teachers(TinyTask(), poller, max_staleness=max_staleness)
     teachers.refresh()
+    return bucket, poller, teachers
+
+
+def test_teachers_swap_and_skip_stale(tmp_path):
+    bucket, poller, teachers = teacher_at_50(tmp_path, max_staleness=100)
     assert teachers.steps == {1: 50}
     model = teachers.models[1]
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -127,12 +133,7 @@ def publish_tensors(bucket, group, step, tensors):
 
 
 def test_nonfinite_or_wrong_dtype_teacher_refused_last_good_kept(tmp_path):
-    bucket = Bucket(tmp_path.as_uri())
-    publish(bucket, 1, 50, 0.5)
-    poller = PeerPoller(bucket, [1])
-    poller.poll_once()
-    teachers = Teachers(TinyTask(), poller, max_staleness=1000)
-    teachers.refresh()
+    bucket, poller, teachers = teacher_at_50(tmp_path, max_staleness=1000)
     assert teachers.steps == {1: 50}
     good = {k: v.clone() for k, v in Linear().state_dict().items()}
     hostile = {
@@ -161,12 +162,7 @@ def test_nonfinite_or_wrong_dtype_teacher_refused_last_good_kept(tmp_path):
 def test_teachers_load_refuses_bad_weights_the_poller_let_through(tmp_path):
     """Even if a version got past the poller's checks (no layout known yet), _load refuses it
     before touching the loaded teacher."""
-    bucket = Bucket(tmp_path.as_uri())
-    publish(bucket, 1, 50, 0.5)
-    poller = PeerPoller(bucket, [1])
-    poller.poll_once()
-    teachers = Teachers(TinyTask(), poller, max_staleness=1000)
-    teachers.refresh()
+    bucket, poller, teachers = teacher_at_50(tmp_path, max_staleness=1000)
     poller.expected = None
     good = Linear().state_dict()
     publish_tensors(bucket, 1, 100, {k: v.to(torch.float64) for k, v in good.items()})
