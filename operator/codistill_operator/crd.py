@@ -122,6 +122,18 @@ def _exclusive(out: dict[str, Any]) -> None:
             out[limit], out[bound] = out[bound], True
 
 
+def _fractional_bounds(out: dict[str, Any]) -> None:
+    """A fractional `minimum`/`maximum` is also a CEL rule: the API server checks an integer
+    value (`temperature: 0`) against the bound truncated to an integer, so 0 >= 0.01 passes."""
+    for bound, op in (("minimum", ">="), ("maximum", "<=")):
+        limit = out.get(bound)
+        if out.get("type") == "number" and isinstance(limit, float) and not limit.is_integer():
+            if out.get(f"exclusive{bound.title()}"):
+                op = op[0]  # > or <
+            out.setdefault("x-kubernetes-validations", []).append(
+                {"rule": f"self {op} {limit}", "message": f"must be {op} {limit}"})
+
+
 def structural(node: dict[str, Any], defs: dict[str, Any], required: bool = True) -> dict:
     """One pydantic JSON-schema node as a Kubernetes structural schema node."""
     node = _resolve(node, defs)
@@ -132,6 +144,7 @@ def structural(node: dict[str, Any], defs: dict[str, Any], required: bool = True
     if "const" in out:
         out["enum"] = [out.pop("const")]
     _exclusive(out)
+    _fractional_bounds(out)
     extra = node.get("additionalProperties")
     if extra is True:
         out["x-kubernetes-preserve-unknown-fields"] = True
@@ -160,7 +173,7 @@ def _add_rules(schema: dict[str, Any]) -> dict[str, Any]:
         node = schema
         for key in filter(None, path.split(".")):
             node = node["properties"][key]
-        node["x-kubernetes-validations"] = rules
+        node["x-kubernetes-validations"] = node.get("x-kubernetes-validations", []) + rules
     return schema
 
 
