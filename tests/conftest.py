@@ -13,11 +13,13 @@ import pytest
 
 from codistill.net import free_port
 
+from .support.faultlog import FaultLog
 from .support.kube import SECRETS, Cluster, Operator, secret
 from .support.s3 import BUCKET, S3_KEY, S3_SECRET
 
 CLUSTER_TIER = Path(__file__).resolve().parent / "cluster"
 NOT_RUN = pytest.StashKey[str]()
+FAULTS = pytest.StashKey[FaultLog]()
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
@@ -37,6 +39,21 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if NOT_RUN in config.stash:
         terminalreporter.write_line(f"not run: tests/cluster, the real-cluster tier: "
                                     f"{config.stash[NOT_RUN]}")
+    log = config.stash.get(FAULTS, None)
+    if log and log.rows:
+        terminalreporter.section("fault suite")
+        for line in log.lines():
+            terminalreporter.write_line(line)
+        written = log.write()
+        if written:
+            terminalreporter.write_line(f"written to {written}")
+
+
+@pytest.fixture
+def fault_log(request: pytest.FixtureRequest) -> FaultLog:
+    """Record a row of the fault suite's summary: `fault_log(scenario, faults, steps_lost,
+    outcome)`, called by a scenario once what it asserts has held."""
+    return request.config.stash.setdefault(FAULTS, FaultLog())
 
 
 @pytest.fixture(scope="session")

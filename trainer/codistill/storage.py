@@ -23,7 +23,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from . import names
+from . import failpoints, names
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,6 +138,7 @@ class Bucket:
             tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"  # local files are atomic only by rename
             try:
                 self.fs.pipe_file(tmp, data)
+                failpoints.reach(failpoints.BEFORE_RENAME, rel)
                 os.replace(tmp, path)
             except BaseException:  # e.g. ENOSPC: leave no partial file behind
                 with contextlib.suppress(OSError):

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from codistill import names
+from codistill import failpoints, names
 from codistill.runfolder import CorruptCheckpoint, Pointer, key_step
 from codistill.storage import TMP_MARK, Bucket
 
@@ -45,6 +45,7 @@ class Channel:
         if self.bucket.exists(f"{self.folder}/{key}"):  # e.g. republished after a resume
             key = f"{step}.{uuid.uuid4().hex[:8]}.{self.suffix}"
         self.bucket.put(f"{self.folder}/{key}", data)
+        failpoints.reach(failpoints.BEFORE_POINTER, f"{self.folder}/{key}")
         latest = Pointer(step, key, hashlib.sha256(data).hexdigest(), len(data), time.time())
         try:
             history = [asdict(p) for p in self.history()][: self.keep - 1]

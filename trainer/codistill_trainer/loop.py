@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from codistill import failpoints
 from codistill.runfolder import Final, Pointer, RunFolder
 from codistill.spec import Codistillation, Distillation, Training
 from codistill.storage import Bucket, StorageError
@@ -323,6 +324,7 @@ class Loop:
             self.progress.state = "finished"
             self.report_progress()
             self.uploader.close()
+            failpoints.reach(failpoints.BEFORE_FINAL, str(self.w.group))
             teacher = asdict(self.published) if self.published else None
             self.folder.write_final(self.w.group, Final(
                 step=steps, eval_loss=self.progress.eval.get("evalLoss"),

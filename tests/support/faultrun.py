@@ -1,0 +1,108 @@
+"""A `codistill run` that the fault suite can start, watch, break and start again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from codistill import names
+from codistill.runfolder import Progress, RunFolder
+from codistill.storage import Bucket, StorageError
+
+from .localrun import manifest
+
+T = TypeVar("T")
+EXCHANGE = 10  # every fault run publishes, reloads and records progress every 10 steps
+
+
+def wait_for(found: Callable[[], T], what: str, timeout: float = 180.0) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = found()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class FaultRun:
+    """Two groups of one worker on the tiny LM fixture, in `tmp`, with `steps` steps and a
+    checkpoint every `checkpoint`; `storage` as in the spec (default: the local folder `runs`).
+    The test itself reads the run at `read_endpoint` (default: the run's own), with one attempt
+    and a short timeout: a store the test has hung must not hang its own reads for long."""
+
+    def __init__(self, tmp: Path, name: str, steps: int, checkpoint: int = 50,
+                 storage: dict[str, str] | None = None, read_endpoint: str | None = None,
+                 env: dict[str, str] | None = None):
+        self.tmp, self.steps, self.checkpoint, self.env = tmp, steps, checkpoint, env or {}
+        training = {"steps": steps, "batchSize": 8, "evalEverySteps": steps // 2,
+                    "evalBatches": 2, "checkpointEverySteps": checkpoint,
+                    "optimizer": {"lr": 0.01}}
+        extra = {"storage": storage} if storage else {}
+        self.manifest = manifest(tmp, name, workersPerGroup=1, training=training, **extra)
+        base = (storage or {}).get("url") or (tmp / "runs").resolve().as_uri()
+        self.url = names.run_url(base, "default", name)
+        keys = {k: v for k, v in self.env.items() if k in (names.ENV_ACCESS_KEY, names.ENV_SECRET_KEY)}
+        self.bucket = Bucket(self.url, read_endpoint, keys or None, attempts=1, timeout=2)
+        self.folder = RunFolder(self.bucket)
+        self.proc: subprocess.Popen[str] | None = None
+        self.log = tmp / f"{name}.out"
+
+    def start(self, *flags: str, **env: str) -> subprocess.Popen[str]:
+        """`codistill run` in the background; `env` on top of this run's (e.g. a failpoint)."""
+        out = self.log.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "codistill_trainer", "run", str(self.manifest), *flags],
+            cwd=self.tmp, text=True, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env, **env})
+        return self.proc
+
+    def wait(self, timeout: float = 300.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def run(self, *flags: str, timeout: float = 300.0, **env: str) -> int:
+        self.start(*flags, **env)
+        return self.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def progress(self, group: int) -> Progress | None:
+        try:
+            return self.folder.progress(group)
+        except StorageError:
+            return None
+
+    def step(self, group: int) -> int:
+        p = self.progress(group)
+        return p.step if p else 0
+
+    def wait_step(self, group: int, step: int, timeout: float = 180.0) -> int:
+        return wait_for(lambda: self.step(group) >= step and self.step(group),
+                        f"group {group} at step {step}", timeout)
+
+    def pointer_step(self, group: int, channel: str) -> int | None:
+        doc = self.bucket.get_json(f"{names.group_dir(group)}/{channel}/{names.POINTER}")
+        return doc["step"] if isinstance(doc, dict) else None
+
+    def finished(self) -> dict[int, Any]:
+        """Each group's final.json, checked to be at the last step."""
+        finals = {g: self.folder.final(g) for g in (0, 1)}
+        assert all(f is not None and f.step == self.steps for f in finals.values()), finals
+        return finals
+
+    def final_models_reported(self) -> dict[int, float]:
+        """The report evaluated each group's final model, not an older one (D3): its loss for a
+        group equals the group's own last eval (both on the same fixed eval set)."""
+        finals, report = self.finished(), self.folder.report()
+        assert report is not None, self.output()[-3000:]
+        losses = {g.group: g.loss for g in report.groups}
+        for g, final in finals.items():
+            assert abs(losses[g] - final.eval_loss) < 1e-4, (g, losses[g], final.eval_loss)
+        return losses
