@@ -39,6 +39,13 @@ checkov-venv: install
 e2e: install cluster-build
 	$(PY) -m pytest tests/cluster tests/e2e -v -s
 
+# The fault suite (also part of `make test`): store outages, kills at chosen points, a full disk,
+# hostile bucket objects, a fuzzed-manifest corpus, operator kills on the real control plane. It
+# prints a summary table and writes it to bench/results/faults.json (BENCHMARKS.md, Reliability).
+.PHONY: faults
+faults: install cluster-build
+	CODISTILL_FAULTS_JSON=bench/results/faults.json $(PY) -m pytest -m faults tests -q -rs
+
 # The real control plane (cluster/README.md): build its binaries from Go modules (cached under
 # .cache/cluster), start it on loopback and print its kubeconfig, stop it.
 CLUSTER_DIR ?= .cache/cluster/run

@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 from codistill.runfolder import Progress, RunFolder
 from codistill.spec import Codistillation, SpecError
-from codistill.storage import Bucket
+from codistill.storage import Bucket, StorageError
 
 from . import validate
 from .errors import MissingSecret
@@ -23,6 +23,7 @@ from .status.schema import RunStatus
 TIMEOUT_S = 10.0  # per S3 request: a hung bucket must not hold a status sweep
 SECRET_NAMESPACES = "rbac.secretNamespaces"  # the chart value granting Secret `get` (watching all)
 ARCHIVED = ".previous-"  # <run folder>.previous-<uid>: an earlier run of the same name
+MESSAGE_CHARS = 500  # of a store error in a condition message
 
 
 def credentials(api: Api, namespace: str, secret: str | None) -> dict[str, str]:
@@ -79,3 +80,9 @@ def read_progress(folder: RunFolder, groups: int) -> dict[int, Progress]:
     """Each group's progress that exists (StorageError when the bucket cannot be read)."""
     found = {g: folder.progress(g) for g in range(groups)}
     return {g: p for g, p in found.items() if p is not None}
+
+
+def unreachable(url: str, error: StorageError) -> str:
+    """The store's failure as one line for a condition: the run folder's URL and the error
+    (which names the file and the endpoint; credentials are never in either)."""
+    return " ".join(f"store {url} unreachable: {error}".split())[:MESSAGE_CHARS]

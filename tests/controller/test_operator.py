@@ -399,3 +399,37 @@ def test_python_m_codistill_operator_runs_it(cluster: Cluster, s3: str) -> None:
     logs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert logs and all("message" in line for line in logs)
     assert S3_SECRET not in output  # credentials are never logged
+
+
+def test_a_finished_runs_job_deleted_while_the_operator_was_down_is_not_created_again(
+        cluster: Cluster, s3: str) -> None:
+    """Re-creating it would train a finished group again and announce its success twice."""
+    from prometheus_client import REGISTRY
+
+    def applied() -> float:  # reconciles that got as far as the jobs, by any Operator here
+        labels = {"handler": "reconcile", "outcome": "applied"}
+        return REGISTRY.get_sample_value("codistill_reconciles_total", labels) or 0.0
+
+    cluster.create(SECRETS, secret())
+    first = Operator()
+    try:
+        cluster.create(RUNS, manifest("demo", s3))
+        ready(cluster, "demo")
+        for g in range(2):
+            play_training_operator(cluster, f"demo-g{g}", "Created", "Running", "Succeeded")
+        wait_for(lambda: "RunSucceeded" in reasons(cluster, "demo"), "the run succeeded")
+    finally:
+        first.stop()
+    cluster.delete(JOBS, "demo-g0")
+    before = applied()
+    second = Operator()
+    try:
+        wait_for(lambda: applied() > before, "the run resumed")
+        time.sleep(1)  # five status intervals
+        assert job_names(cluster) == ["demo-g1"]
+        assert cluster.get(RUNS, "demo")["status"]["phase"] == "Succeeded"
+        seen = reasons(cluster, "demo")
+        assert seen.count("JobsCreated") == 1 and seen.count("GroupSucceeded") == 2, seen
+        assert seen.count("RunSucceeded") == 1, seen
+    finally:
+        second.stop()

@@ -509,3 +509,76 @@ def test_a_run_without_spec_image_runs_the_operators_trainer_image(monkeypatch) 
     assert image(body(image="mine:1")) == "mine:1"
     monkeypatch.delenv(spec.TRAINER_IMAGE_ENV)
     assert image(body()) == spec.LOCAL_TRAINER_IMAGE == "localhost:5000/codistill/trainer:0.1.0"
+
+
+def test_an_unreadable_store_degrades_the_run_and_keeps_the_last_progress() -> None:
+    lagging = {0: progress(900, 1.0, teachers={"1": 400}, staleness={"1": 500})}
+    stale = observe.observe(RunStatus(), seen({0: RUNNING, 1: RUNNING}, lagging))
+    assert stale.condition("Degraded").reason == "PeersStale"
+    error = f"store {URL} unreachable: read {URL}/groups/0/progress.json: ReadTimeoutError: x"
+    down = observe.observe(stale, seen({0: RUNNING, 1: RUNNING}, None)._replace(store_error=error))
+    degraded = down.condition("Degraded")
+    assert (degraded.status, degraded.reason, degraded.message) == ("True", "StoreUnreachable",
+                                                                    error)
+    assert down.groups[0].step == 900 and down.groups[0].loss == 1.0 and down.step == 0
+    # Degraded was already True: its new reason is announced all the same, and only once
+    assert observe.transitions(stale, down) == [observe.Event("Warning", "RunDegraded", error)]
+    still = observe.observe(down, seen({0: RUNNING, 1: RUNNING}, None)._replace(store_error=error))
+    assert observe.transitions(down, still) == []
+    back = observe.observe(still, seen({0: RUNNING, 1: RUNNING}, {0: progress(950, 0.9)}))
+    assert back.condition("Degraded").reason == "Healthy" and back.groups[0].step == 950
+
+
+class StoreDown:
+    """An API with one applied run, whose store is not there."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.patches: list[dict] = []
+        self.events: list[tuple[str, str, str]] = []
+        fields = {"groups": 1, "storage.credentialsSecret": "keys", "storage.endpoint": endpoint}
+        before = GroupStatus(group=0, job="demo-g0", phase="Running", state="training", step=50,
+                             loss=1.5)
+        status = RunStatus(phase="Running", bucket=URL, groups=[before],
+                           applied={"generation": 1, "fields": fields})
+        self.run = {"metadata": {"namespace": "ns", "name": "demo", "uid": "u", "generation": 1},
+                    "status": status.dump()}
+
+    def get_run(self, namespace: str, name: str) -> dict:
+        return self.run
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": "AKIAKEYID", "AWS_SECRET_ACCESS_KEY": "secret-value"}
+
+    def list_jobs(self, namespace: str, run: dict) -> list[dict]:
+        return [{**RUNNING, "metadata": {"labels": {names.LABEL_GROUP: "0"}}}]
+
+    def list_pods(self, namespace: str, run: str) -> list[dict]:
+        return []
+
+    def patch_status(self, namespace: str, name: str, patch: dict,
+                     resource_version: str | None = None) -> None:
+        self.patches.append(patch)
+
+    def post_event(self, body: dict, kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason, message))
+
+
+def test_a_store_that_refuses_the_status_read_shows_in_the_conditions() -> None:
+    from codistill.net import free_port
+    from codistill_operator.runtime import State
+    from codistill_operator.status import write
+
+    state = State(Config(metrics_port=0))
+    state._api = api = StoreDown(f"http://127.0.0.1:{free_port()}")
+    assert write.refresh(state, "ns", "demo") == "ok"
+    (patch,) = api.patches
+    degraded = next(c for c in patch["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "StoreUnreachable"
+    message = degraded["message"]
+    assert message.startswith(f"store {URL} unreachable: read {URL}/groups/0/progress.json: ")
+    assert "\n" not in message and "127.0.0.1" in message, message
+    after = RunStatus.model_validate({**api.run["status"], **patch})
+    assert after.groups[0].step == 50 and after.groups[0].loss == 1.5  # progress kept
+    assert ("Warning", "RunDegraded", message) in api.events
+    everything = repr((api.patches, api.events))
+    assert "AKIAKEYID" not in everything and "secret-value" not in everything

@@ -92,6 +92,71 @@ def test_status_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert code == 2 and "not a run folder" in out
 
 
+def test_status_of_a_black_holed_store_is_one_line_within_seconds(tmp_path, capsys, monkeypatch):
+    """run.json cannot be read, so there is no table: one error line, exit 2, no traceback."""
+    import time
+
+    from tests.unit.test_tables import blackhole
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    with blackhole() as (endpoint, _):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        started = time.monotonic()
+        code, out = run_cli(capsys, "status", "s3://b/default/demo")
+    assert code == 2 and out.startswith("error: read s3://b/default/demo/run.json: "), out
+    assert "Timeout" in out and "Traceback" not in out, out
+    assert time.monotonic() - started < 20  # not the trainers' 4 attempts x 30 s
+
+
+def test_status_shows_the_table_and_names_the_store_when_progress_cannot_be_read(
+        tmp_path, capsys, monkeypatch):
+    from codistill import names, spec
+    from codistill.storage import Bucket
+    from codistill_trainer.cli import launch
+
+    run = spec.parse(manifest(tmp_path))
+    bucket = Bucket(launch.local_run_url(run, tmp_path))
+    launch.prepare(run, bucket, fresh=False)
+    bucket.put_json(names.progress_file(0), {"group": 0, "step": 7, "steps": 100,
+                                             "state": "training", "time": 1.0})
+    bucket.fs.makedirs(bucket.path(names.progress_file(1)))  # reading it fails: a store error
+    code, out = run_cli(capsys, "status", bucket.url)
+    assert code == 1, out
+    assert f"store {bucket.url} unreachable (read {bucket.url}/groups/1/progress.json: " in out
+    assert "7/100 7%" in out and "unreadable" in out, out
+
+
+def test_a_crashed_worker_stops_the_run_while_the_store_hangs(tmp_path, monkeypatch):
+    """Progress is read on a thread: a read hung on a black-holed store does not delay the
+    crash report (it took the read's timeouts before)."""
+    import io
+    import sys
+    import time
+
+    from rich.console import Console
+
+    from codistill import spec
+    from codistill_trainer import tables
+    from codistill_trainer.cli import launch
+    from tests.unit.test_tables import blackhole
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    crash = launch.Replica("bad-g0-master-0", [sys.executable, "-c", "raise SystemExit(3)"], {},
+                           tmp_path / "bad.log")
+    console = Console(file=io.StringIO(), width=150)
+    monkeypatch.setattr(tables, "VIEW_TIMEOUT_S", 120.0)  # a read that hangs for 2 minutes
+    with blackhole() as (endpoint, _):
+        folder = tables.viewer_folder("s3://b/default/bad", endpoint)
+        launch.start([crash])
+        started = time.monotonic()
+        with pytest.raises(launch.RunFailed, match="bad-g0-master-0 exited with code 3"):
+            launch.supervise([crash], folder, spec.parse(manifest(tmp_path)), console)
+        assert time.monotonic() - started < 60  # reported long before the read gives up
+    assert "waiting" in console.file.getvalue()  # the table was shown meanwhile
+
+
 def test_run_folder_refuses_a_different_spec(tmp_path, capsys, monkeypatch):
     from codistill import spec
     from codistill.storage import Bucket

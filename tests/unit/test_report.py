@@ -170,3 +170,30 @@ def test_write_report_files(bucket: Bucket) -> None:
     assert [t["state"] for t in doc["training"]] == ["finished", "finished", None]
     summary = bucket.get("report/summary.md").decode()
     assert "| ensemble |" in summary and "| churn 0 vs 1 |" in summary
+
+
+def test_the_report_waits_out_a_store_that_fails_and_never_fails_the_group(monkeypatch,
+                                                                           caplog) -> None:
+    """The last group to finish writes the report; a store outage then is waited out, and one
+    that outlasts the final publish's timeout is left to `codistill report`, without a crash."""
+    from codistill.storage import StorageError
+    from codistill_trainer import worker
+
+    calls = []
+
+    def flaky(folder, run, fails: int = 2) -> bool:
+        calls.append(1)
+        if len(calls) <= fails:
+            raise StorageError("read s3://b/run/groups/1/final.json: EndpointConnectionError")
+        return True
+
+    folder = RunFolder(Bucket("memory://report-test"))
+    monkeypatch.setattr(worker.time, "sleep", lambda s: None)
+    monkeypatch.setattr(worker, "write_report", flaky)
+    worker._report(folder, None)
+    assert len(calls) == 3
+    monkeypatch.setattr(worker, "FINAL_TIMEOUT_S", 0.0)
+    monkeypatch.setattr(worker, "write_report", lambda f, r: flaky(f, r, fails=10**6))
+    worker._report(folder, None)  # gives up, and says how to write it later
+    assert "report not written (read s3://b/run" in caplog.text
+    assert "codistill report memory://report-test" in caplog.text

@@ -1,5 +1,7 @@
 """The run spec: defaults, and errors that name the field."""
 
+import json
+
 import pytest
 
 from codistill import spec
@@ -128,7 +130,14 @@ def test_a_number_field_takes_an_integer_as_the_crd_does(tmp_path):
     (HEAD.encode("latin-1") + "spec: {task: {args: {a: caf\xe9}}}\n".encode("latin-1"),
      "not UTF-8/UTF-16 YAML text"),
     (HEAD.encode() + b"spec: {task: {args: {a: " + b"[" * 5000 + b"]" * 5000 + b"}}}\n",
-     "nested too deeply"),
+     "nested more than 100 levels deep"),
+    # deep enough to fail pydantic's serializer when run.json is written, not Python's stack
+    (HEAD.encode() + b"spec: {task: {args: {a: " + b"[" * 300 + b"]" * 300 + b"}}}\n",
+     "nested more than 100 levels deep"),
+    (HEAD.encode() + b"spec: {task: {args: {v: !!binary gAD/}}}\n", "binary values"),
+    (HEAD.encode() + b"spec: {groups: " + b"1" * 5000 + b"}\n", "integer of 5000 characters"),
+    (HEAD.encode() + b"spec: {task: {args: {a: 0x" + b"f" * 5000 + b"}}}\n", "integer of"),
+    (HEAD.encode() + b"spec: {groups: 2, groups: 64}\n", "duplicate key 'groups'"),
 ])
 def test_unreadable_or_too_deep_yaml_is_a_spec_error_naming_the_file(tmp_path, data, expected):
     path = tmp_path / "bad.yaml"
@@ -182,3 +191,25 @@ def test_temperature_is_bounded(temperature):
     with pytest.raises(spec.SpecError, match="spec.distillation.temperature"):
         parse(distillation={"temperature": temperature})
     assert parse(distillation={"temperature": 0.01}).spec.distillation.temperature == 0.01
+
+
+def test_nesting_within_the_bound_is_read_and_written(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(HEAD + "spec: {task: {args: {a: " + "[" * 90 + "]" * 90 + "}}}\n")
+    json.dumps(spec.load(path).resolved())
+
+
+def test_a_merged_key_may_be_overridden(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(HEAD + "spec: {<<: {groups: 3}, groups: 1}\n")
+    assert spec.load(path).spec.groups == 1
+
+
+def test_errors_echo_long_values_and_many_fields_only_in_part():
+    with pytest.raises(spec.SpecError) as e:
+        spec.parse({**BASE, "apiVersion": "x" * 100_000})
+    assert "apiVersion" in str(e.value) and "(100002 characters)" in str(e.value)
+    assert len(str(e.value)) < 300
+    with pytest.raises(spec.SpecError) as e:
+        parse(groups="x" * 100_000, **{f"k{i}": 1 for i in range(10_000)})
+    assert str(e.value).endswith("; and 9996 more") and len(str(e.value)) < 600

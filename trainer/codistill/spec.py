@@ -44,6 +44,14 @@ TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*(:[A-Za-z_][A-Za-z0-9_.]*)?$")
 # The list fields of a pod template that the job renderer reads: each a list of mappings.
 POD_LISTS = ("containers", "initContainers", "volumes")
 CONTAINER_LISTS = ("env", "volumeMounts", "ports", "envFrom")
+# An error is one short line: a 100,000-character value or 10,000 unknown fields are echoed
+# only in part.
+ECHO_CHARS = 80
+MAX_CLAUSES = 5
+# Collections nested deeper than this are refused when read: a pod template needs about 10,
+# and pydantic's serializer (run.json) fails past about 250.
+MAX_DEPTH = 100
+MAX_INT_CHARS = 1000
 
 
 class SpecError(ValueError):
@@ -250,7 +258,7 @@ class Codistillation(_Model):
     def _name_fits_jobs(self) -> Codistillation:
         name, expected = self.metadata.name, f"{API_GROUP}/{API_VERSION}"
         if self.api_version != expected:
-            raise ValueError(f"apiVersion: must be {expected}, got {self.api_version}")
+            raise ValueError(f"apiVersion: must be {expected}, got {short(repr(self.api_version))}")
         longest = names.longest_name(name, self.spec.groups, self.spec.workers_per_group)
         if not DNS1035.fullmatch(name) or len(longest) > 63:
             raise ValueError(
@@ -299,13 +307,20 @@ def template_problem(template: dict[str, Any] | None) -> str | None:
     return None
 
 
+def short(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text`, cut to `limit` characters, for an error message."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _field(loc: tuple[Any, ...], msg: str) -> tuple[str, str]:
     """The dotted CR path of an error; cross-field validators prefix their message with it."""
     parts = [str(p) for p in loc if not str(p).startswith(("function-", "int", "literal"))]
     head, sep, rest = msg.partition(": ")
     if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9.]*(\[\d+\][A-Za-z0-9.]*)*", head):
         parts, msg = parts + [head], rest
-    return ".".join(parts), msg
+    return short(".".join(parts)), msg
 
 
 def describe(err: ValidationError) -> str:
@@ -318,12 +333,14 @@ def describe(err: ValidationError) -> str:
         found.setdefault(field, []).append(msg)
         got = e.get("input")
         if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict):
-            found[field].append(f"(got {got!r})")
+            found[field].append(f"(got {short(repr(got))})")
     clauses = []
     for field, msgs in found.items():
         got = [m for m in msgs if m.startswith("(got ")][:1]
         text = " or ".join(dict.fromkeys(m for m in msgs if not m.startswith("(got ")))
         clauses.append(f"{field}: {' '.join([text, *got])}")
+    if len(clauses) > MAX_CLAUSES:
+        clauses[MAX_CLAUSES:] = [f"and {len(clauses) - MAX_CLAUSES} more"]
     return "; ".join(clauses)
 
 
@@ -350,15 +367,60 @@ def load(path: str | Path) -> Codistillation:
 
 class _Loader(yaml.SafeLoader):
     """Safe YAML without aliases: `*name` would share one node in many places, so a small file
-    (a "billion laughs") expands to gigabytes when the run spec is dumped to run.json."""
+    (a "billion laughs") expands to gigabytes when the run spec is dumped to run.json. Nesting
+    is bounded (MAX_DEPTH) for the same reason: what is read must also be written."""
+
+    depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
             raise yaml.composer.ComposerError(
-                None, None, f"aliases (*{event.anchor}) are not allowed in a manifest",
+                None, None, f"aliases (*{short(str(event.anchor))}) are not allowed in a manifest",
                 event.start_mark)
-        return super().compose_node(parent, index)
+        if self.depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        # Last-wins would silently drop a value (`groups: 2` ... `groups: 64`); kubectl refuses
+        # duplicate keys too. Merged keys (`<<`) may be overridden, as YAML intends.
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the base class refuses it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {short(repr(key))}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        # Python reads and writes (run.json) at most 4300 decimal digits; no field needs 1000
+        if len(node.value) > MAX_INT_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer of {len(node.value)} characters is too long",
+                node.start_mark)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_binary(self, node: Any) -> Any:
+        # bytes are no JSON value: run.json and the CR could not hold them
+        raise yaml.constructor.ConstructorError(
+            None, None, "binary values (!!binary) are not allowed in a manifest", node.start_mark)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:binary", _Loader.construct_yaml_binary)
 
 
 # YAML 1.1 reads `3e-4` (no dot) as a string; kubectl's YAML reader, and YAML 1.2, as a number.
@@ -371,7 +433,7 @@ _Loader.add_implicit_resolver(
 
 
 def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
+    return short(" ".join(str(text).split()), 3 * ECHO_CHARS)
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -386,8 +448,6 @@ def read(path: str | Path) -> dict[str, Any]:
                         ) from None
     except UnicodeDecodeError as e:
         raise SpecError(f"{path}: not UTF-8/UTF-16 YAML text: {e.reason}") from None
-    except RecursionError:
-        raise SpecError(f"{path}: malformed YAML: nested too deeply") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""

@@ -55,7 +55,7 @@ def filesystem(
             "skip_instance_cache": True,
             # `retry` below is the policy: one botocore attempt per call, bounded in time.
             "config_kwargs": {
-                "retries": {"max_attempts": 1, "mode": "standard"},
+                "retries": {"total_max_attempts": 1, "mode": "standard"},  # 1 = no retry
                 "connect_timeout": timeout,
                 "read_timeout": timeout,
             },

@@ -12,7 +12,7 @@ from typing import Any
 
 import fsspec
 
-from .spec import Codistillation, SpecError, parse
+from .spec import Codistillation, SpecError, parse, short
 
 LOCAL_ONLY = {"file", "local", "memory"}  # no two pods share these
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -36,7 +36,8 @@ def _storage(run: Codistillation) -> str | None:
 def _queue(run: Codistillation) -> str | None:
     name = run.spec.run_policy.queue_name
     if name is not None and (len(name) > 63 or not LABEL_VALUE.fullmatch(name)):
-        return f"spec.runPolicy.queueName: must be a label value (<= 63 characters), got {name!r}"
+        return (f"spec.runPolicy.queueName: must be a label value (<= 63 characters), "
+                f"got {short(repr(name))}")
     return None
 
 
@@ -44,7 +45,8 @@ def _template(run: Codistillation) -> str | None:
     template = run.spec.template or {}
     unknown = sorted(set(template) - POD_TEMPLATE_KEYS)
     if unknown:
-        return f"spec.template: a pod template has only metadata and spec, got {unknown}"
+        return (f"spec.template: a pod template has only metadata and spec, "
+                f"got {short(str(unknown))}")
     # spec.parse checked the shape: containers is a list of mappings
     containers = (template.get("spec") or {}).get("containers") or []
     for i, container in enumerate(containers):

@@ -8,17 +8,20 @@ while this reads them, so a missing, half-written or odd file becomes a row sayi
 from __future__ import annotations
 
 import math
+import threading
+import time
+from dataclasses import dataclass
 
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from codistill import names
 from codistill.runfolder import UNREADABLE, Progress, Report, RunFolder
 from codistill.spec import Spec
-from codistill.storage import StorageError
+from codistill.storage import Bucket, StorageError
 
 WAITING = "waiting"
+ACTIVE = ("starting", "training")  # states whose progress.json should keep being rewritten
 STATE_STYLES = {
     "finished": "green",
     "failed": "bold red",
@@ -26,27 +29,119 @@ STATE_STYLES = {
     WAITING: "dim",
     UNREADABLE: "red",
 }
-# Short headers: thirteen columns must fit a 120-column terminal.
+# Short headers: fourteen columns must fit a 120-column terminal.
 PROGRESS_HEADER = [
-    "group", "state", "step", "loss", "task", "distill", "eval",
-    "distills from", "stale", "published", "ex/s", "resumed", "warnings",
+    "group", "state", "step", "age", "loss", "task", "distill", "eval",
+    "teachers", "stale", "published", "ex/s", "resumed", "warnings",
 ]
 REPORT_HEADER = ["model", "eval loss", "accuracy", "churn flip", "churn mad"]
 WARNING_CHARS = 40
+ERROR_CHARS = 200  # of a store error in the line under the title
 NONE = "-"
+# A viewer's store reads: one attempt of at most this long per request, so `codistill status`
+# answers within seconds when the store is down or black-holed (the trainers' 4 x 30 s are for
+# riding out an outage); the live table's next read is its retry.
+VIEW_TIMEOUT_S = 3.0
+READ_INTERVAL_S = 0.5  # between the live table's reads of the progress files
 
 
-def load_progress(folder: RunFolder, groups: int) -> dict[int, Progress | None]:
-    """Every group's progress: None when not written yet; a file that cannot be read (torn,
-    corrupt, or the bucket failing) is an 'unreadable' Progress saying why, so the display can
-    show it rather than crash or pretend the group has not started."""
+def viewer_folder(url: str, endpoint: str | None = None) -> RunFolder:
+    return RunFolder(Bucket(url, endpoint, attempts=1, timeout=VIEW_TIMEOUT_S))
+
+
+def read_progress(
+    folder: RunFolder, groups: int, last: dict[int, Progress | None] | None = None
+) -> tuple[dict[int, Progress | None], StorageError | None]:
+    """Every group's progress (None: not written yet; a torn or corrupt file is an 'unreadable'
+    Progress saying why, see `RunFolder.progress`), and the store failure that cut the pass short.
+
+    The first failure ends the pass: with the store down, each further read would wait out its
+    timeout too. The groups not read keep their progress in `last`, else are an unreadable row
+    naming the failure, so the display shows it rather than crash or pretend they did not start.
+    """
     found: dict[int, Progress | None] = {}
     for g in range(groups):
         try:
             found[g] = folder.progress(g)
         except StorageError as e:
-            found[g] = Progress.unreadable(g, f"{names.progress_file(g)}: StorageError: {e}")
-    return found
+            for rest in range(g, groups):
+                found[rest] = (last or {}).get(rest) or Progress.unreadable(
+                    rest, f"StorageError: {e}")  # `e` names the file that failed
+            return found, e
+    return found, None
+
+
+def load_progress(folder: RunFolder, groups: int) -> dict[int, Progress | None]:
+    """Every group's progress, as `read_progress` (for callers with no use for the failure)."""
+    return read_progress(folder, groups)[0]
+
+
+@dataclass(frozen=True)
+class View:
+    """What a viewer read of a run folder: each group's progress and, while the store fails,
+    the failure, since when (live only) and when every group's progress was last read."""
+
+    url: str
+    progress: dict[int, Progress | None]
+    error: StorageError | None = None
+    failing_since: float | None = None  # time.time() the first failed pass in a row began
+    read_at: float | None = None  # time.time() the last whole pass ended
+
+
+def read_view(folder: RunFolder, groups: int) -> View:
+    """One pass over the progress files (`codistill status`)."""
+    return View(folder.url, *read_progress(folder, groups))
+
+
+def store_line(view: View, now: float) -> str | None:
+    """The line under the title while the store fails: which store, the error, for how long,
+    and how old the progress shown is; None while it answers."""
+    if view.error is None:
+        return None
+    line = f"store {view.url} unreachable"
+    if view.failing_since is not None:
+        line += f" for {now - view.failing_since:.0f} s"
+    line += f" ({short(' '.join(str(view.error).split()), ERROR_CHARS)})"
+    if view.read_at is not None:
+        line += f": showing progress read {now - view.read_at:.0f} s ago"
+    return line
+
+
+class ProgressWatch:
+    """Reads the progress files on its own thread, so a hung store never holds the display nor
+    the launcher's crash detection; `view` is the newest, with the last progress read of each
+    group kept while the store fails."""
+
+    def __init__(self, folder: RunFolder, groups: int, interval: float = READ_INTERVAL_S):
+        self.folder, self.groups, self.interval = folder, groups, interval
+        self.view = View(folder.url, {})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+
+    def read(self) -> View:
+        """One pass now; returns the new view (and makes it `view`)."""
+        started, last = time.time(), self.view
+        progress, error = read_progress(self.folder, self.groups, last.progress)
+        if error is None:
+            self.view = View(last.url, progress, read_at=time.time())
+        else:
+            self.view = View(last.url, progress, error, last.failing_since or started,
+                             last.read_at)
+        return self.view
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.read()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> ProgressWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        # Not joined: a read in flight on a hung store must not hold up the caller (the thread
+        # is a daemon; what it reads after this is never shown).
+        self._stop.set()
 
 
 def num(x: float | None, digits: int = 3) -> str:
@@ -79,14 +174,24 @@ def step_cell(step: int, steps: int | None) -> str:
     return f"{step}/{steps} {100 * step / steps:.0f}%"
 
 
-def progress_row(group: int, p: Progress | None, steps: int) -> list[str]:
+def age_cell(p: Progress, now: float) -> str:
+    """Seconds since the group last wrote its progress, while it should keep writing it: it
+    grows when its trainer cannot write (store down, disk full) though this reader can read."""
+    if p.state not in ACTIVE or p.time is None:
+        return NONE
+    age = max(0.0, now - p.time)  # a trainer's clock slightly ahead is not a negative age
+    return f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m" if age < 7200 else f"{age / 3600:.0f}h"
+
+
+def progress_row(group: int, p: Progress | None, steps: int, now: float) -> list[str]:
     """The cells of one group's row; a group with no progress yet is 'waiting'."""
     if p is None:
-        return [str(group), WAITING, step_cell(0, steps)] + [NONE] * 9 + [""]
+        return [str(group), WAITING, step_cell(0, steps)] + [NONE] * 10 + [""]
     return [
         str(group),
         p.state or NONE,
         step_cell(p.step, p.steps or steps),
+        age_cell(p, now),
         num(p.loss),
         num(p.task_loss),
         num(p.distill_loss),
@@ -100,17 +205,23 @@ def progress_row(group: int, p: Progress | None, steps: int) -> list[str]:
     ]
 
 
-def progress_table(run_name: str, progress: dict[int, Progress | None], spec: Spec) -> Table:
-    """One row per group of the run (`codistill status` and the live view of `codistill run`)."""
+def progress_table(run_name: str, view: View, spec: Spec, now: float | None = None) -> Table:
+    """One row per group of the run (`codistill status` and the live view of `codistill run`),
+    under a line naming the store while it fails."""
+    now = time.time() if now is None else now
     steps = spec.training.steps
-    table = Table(title=f"{run_name}: {spec.groups} group(s), {steps} steps", title_justify="left",
-                  box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    # Text, not markup: a warning like "[s3] timeout" or an error must print as written.
+    title = Text(f"{run_name}: {spec.groups} group(s), {steps} steps")
+    trouble = store_line(view, now)
+    if trouble:
+        title.append(f"\n{trouble}", style="bold red")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
+                  pad_edge=False)
     for name in PROGRESS_HEADER:
         left = name in ("group", "state", "warnings")
         table.add_column(name, justify="left" if left else "right", no_wrap=name != "warnings")
     for g in range(spec.groups):
-        # Text, not markup: a warning like "[s3] timeout" must print as written.
-        *cells, warnings = progress_row(g, progress.get(g), steps)
+        *cells, warnings = progress_row(g, view.progress.get(g), steps, now)
         table.add_row(*map(Text, cells), Text(warnings, style="yellow"),
                       style=STATE_STYLES.get(cells[1], ""))
     return table

@@ -11,6 +11,7 @@ import faulthandler
 import logging
 import os
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -18,10 +19,12 @@ import torch.distributed as dist
 
 from codistill import names
 from codistill.runfolder import RunFolder
-from codistill.storage import Bucket
+from codistill.spec import Codistillation
+from codistill.storage import Bucket, StorageError
 
-from .loop import Loop, Member
+from .loop import FINAL_TIMEOUT_S, Loop, Member
 from .report import write_report
+from .uploader import MAX_BACKOFF_S
 
 log = logging.getLogger("codistill.worker")
 
@@ -66,6 +69,26 @@ def _limit_threads() -> None:
         torch.set_num_threads(max(1, int(cpus) // local))
 
 
+def _report(folder: RunFolder, run: Codistillation) -> None:
+    """Write the report if every group has finished. This group's own work is committed by now,
+    so a store that fails here is waited out for as long as the final publish would be, and then
+    left to `codistill report`: failing the group would only make it run again."""
+    deadline, delay = time.monotonic() + FINAL_TIMEOUT_S, 1.0
+    while True:
+        try:
+            if write_report(folder, run):
+                log.info("all groups finished: report written to %s", folder.where(names.REPORT))
+            return
+        except StorageError as e:
+            if time.monotonic() + delay > deadline:
+                log.error("report not written (%s); `codistill report %s` writes it", e,
+                          folder.bucket.url)
+                return
+            log.warning("report not written yet (%s); trying again in %.0f s", e, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, MAX_BACKOFF_S)
+
+
 def main() -> None:
     faulthandler.enable()  # a native crash still leaves every thread's Python stack in the log
     if _hand_over_to_torchrun():
@@ -90,8 +113,8 @@ def main() -> None:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     try:
         Loop(Member(run, group, rank, world, folder.bucket, device)).run()
-        if rank == 0 and write_report(folder, run):
-            log.info("all groups finished: report written to %s", folder.where(names.REPORT))
+        if rank == 0:
+            _report(folder, run)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

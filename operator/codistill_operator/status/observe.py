@@ -37,6 +37,7 @@ class Observed(NamedTuple):
     max_staleness: int
     burn_in: int
     pods: dict[int, str] = {}  # group -> why one of its pods cannot start (pod_problem)
+    store_error: str | None = None  # why the progress files could not be read (one line)
 
 
 def timestamp(seconds: float | None = None) -> str:
@@ -161,6 +162,10 @@ def _distilling(seen: Observed, groups: list[GroupStatus], phase: Phase) -> Judg
 
 
 def _degraded(seen: Observed, groups: list[GroupStatus], phase: Phase) -> Judgement:
+    # First: every trainer writes through the store, so while it fails the progress shown is
+    # old and the rest of the verdict (staleness, steps) rests on it.
+    if seen.store_error:
+        return True, "StoreUnreachable", seen.store_error
     failed = [g for g in groups if g.phase == "Failed"]
     if failed:
         names = ", ".join(f"{g.group} ({g.message or 'job failed'})" for g in failed)
@@ -250,7 +255,9 @@ def transitions(old: RunStatus, new: RunStatus) -> list[Event]:
             ):
                 kind = "Normal" if cond.status == "True" else "Warning"
                 events.append(Event(kind, cond.reason, cond.message))
-        elif cond.status == "True" and (prev is None or prev.status != "True"):
+        elif cond.status == "True" and (prev is None or (prev.status, prev.reason) != (
+            "True", cond.reason
+        )):  # turned True, or True for another reason (a store outage over a stale peer)
             if cond.type in RUN_EVENTS:
                 events.append(Event(*RUN_EVENTS[cond.type], cond.message))
     return events

@@ -91,17 +91,21 @@ def _observe(state: State, body: dict[str, Any], old: RunStatus) -> RunStatus | 
         label = job["metadata"].get("labels", {}).get(names.LABEL_GROUP, "")
         if label.isdigit():
             jobs[int(label)] = job
-    progress = None
+    progress, store_error = None, None
     try:
         folder = bucket.applied_folder(state.api, namespace, old)
         if folder is not None:
             progress = bucket.read_progress(folder, groups)
-    except (StorageError, MissingSecret) as e:
+    except StorageError as e:
+        store_error = bucket.unreachable(old.bucket or "", e)
+        log.warning("progress of %s/%s not read: %s", namespace, name, store_error)
+    except MissingSecret as e:  # the reconciler's to report: Ready=False, InvalidSpec
         log.warning("progress of %s/%s not read: %s", namespace, name, e)
     seen = observe.Observed(
         name=name, generation=body["metadata"].get("generation", 1), groups=groups, jobs=jobs,
         progress=progress, max_staleness=applied.max_staleness_steps,
         burn_in=applied.burn_in_steps, pods=_pod_problems(state, namespace, name),
+        store_error=store_error,
     )
     return observe.observe(old, seen)
 

@@ -59,10 +59,13 @@ def _show_report(folder: RunFolder) -> int:
     return 0
 
 
-def _open_run(target: str) -> tuple[RunFolder, spec.Codistillation]:
-    """A run folder given as a local path or URL."""
+def _open_run(target: str, view: bool = False) -> tuple[RunFolder, spec.Codistillation]:
+    """A run folder given as a local path or URL; `view`: read as a viewer (one short attempt
+    per call, see `tables.viewer_folder`), for a command that only looks."""
+    from .. import tables
+
     url = target if "://" in target else Path(target).resolve().as_uri()
-    folder = RunFolder(Bucket(url))
+    folder = tables.viewer_folder(url) if view else RunFolder(Bucket(url))
     run = folder.read_run()
     if run is None:
         raise StorageError(f"{url}: not a run folder (no {names.RUN_JSON})")
@@ -70,12 +73,15 @@ def _open_run(target: str) -> tuple[RunFolder, spec.Codistillation]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0: the table of every group; 1: the table, but the store failed to give some
+    groups' progress (their rows say so, the line under the title names the store); 2: no table
+    (not a run folder, or run.json unreadable)."""
     from .. import tables
 
-    folder, run = _open_run(args.run)
-    progress = tables.load_progress(folder, run.spec.groups)
-    console.print(tables.progress_table(run.metadata.name, progress, run.spec))
-    return 0
+    folder, run = _open_run(args.run, view=True)
+    view = tables.read_view(folder, run.spec.groups)
+    console.print(tables.progress_table(run.metadata.name, view, run.spec))
+    return 0 if view.error is None else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.fn(args)
     except (spec.SpecError, StorageError) as e:
-        console.print(error(e))
+        console.print(error(e), soft_wrap=True)  # one line, however long: never wrapped
         code = 2
     sys.exit(code)
 

@@ -151,10 +151,12 @@ def failed(reps: list[Replica]) -> Replica | None:
 
 
 def supervise(reps: list[Replica], folder: RunFolder, run: Codistillation, console: Console) -> None:
-    """Show live progress until every process exits; raise RunFailed on the first crash."""
-    def table() -> Any:
-        progress = tables.load_progress(folder, run.spec.groups)
-        return tables.progress_table(run.metadata.name, progress, run.spec)
+    """Show live progress until every process exits; raise RunFailed on the first crash.
+
+    `folder` is read on a background thread (`tables.ProgressWatch`): a hung store only makes
+    the table older, never holds the crash detection here."""
+    def table(view: tables.View) -> Any:
+        return tables.progress_table(run.metadata.name, view, run.spec)
 
     def check() -> bool:
         bad = failed(reps)
@@ -163,19 +165,21 @@ def supervise(reps: list[Replica], folder: RunFolder, run: Codistillation, conso
                             f"Log {bad.log}:\n{tail(bad.log)}")
         return all(r.proc.poll() == 0 for r in reps)
 
-    if console.is_terminal:
-        with Live(table(), console=console, refresh_per_second=2) as live:
+    with tables.ProgressWatch(folder, run.spec.groups) as watch:
+        if console.is_terminal:
+            with Live(table(watch.view), console=console, refresh_per_second=2) as live:
+                while not check():
+                    time.sleep(0.5)
+                    live.update(table(watch.view))
+                live.update(table(watch.read()))  # the final frame: how every group ended
+        else:
+            last = 0.0
             while not check():
                 time.sleep(0.5)
-                live.update(table())
-    else:
-        last = 0.0
-        while not check():
-            time.sleep(0.5)
-            if time.monotonic() - last > 15:
-                console.print(table())
-                last = time.monotonic()
-        console.print(table())  # a terminal keeps Live's last frame; a log needs the final one
+                if time.monotonic() - last > 15:
+                    console.print(table(watch.view))
+                    last = time.monotonic()
+            console.print(table(watch.read()))  # a terminal keeps Live's last frame; so must a log
 
 
 def run_local(run: Codistillation, cwd: Path, fresh: bool, console: Console) -> RunFolder:
@@ -188,10 +192,11 @@ def run_local(run: Codistillation, cwd: Path, fresh: bool, console: Console) -> 
             for r in replicas(job, dict(os.environ), logs, threads)]
     console.print(Text.assemble((run.metadata.name, "bold"), f": {run.spec.groups} group(s) x "
                   f"{run.spec.world_size} process(es), run folder {bucket.url}, logs {logs}"))
+    viewer = tables.viewer_folder(bucket.url, run.spec.storage.endpoint)
     try:
         with stop_signals():
             start(reps)
-            supervise(reps, folder, run, console)
+            supervise(reps, viewer, run, console)
     except Interrupted as e:
         raise RunFailed(f"{e}: stopped every worker (progress up to the last checkpoint is "
                         f"kept; run again to resume)") from None
