@@ -23,7 +23,8 @@ from safetensors.torch import save as st_save
 
 from codistill import failpoints, names
 from tests.support.faultlog import FaultLog
-from tests.support.faultrun import FaultRun, wait_for
+from tests.support.faultrun import FaultRun
+from tests.support.kube import wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 STEPS, CHECKPOINT = 1500, 50
@@ -130,7 +131,7 @@ def test_a_torn_state_pointer_and_a_garbage_newest_state_cost_only_those(
     blob.write_bytes(b"\x80garbage" * (blob.stat().st_size // 8))
     run.start()
     resumed = wait_for(lambda: (p := run.progress(0)) and p.resumed_from is not None and p,
-                       "the rerun's first progress")
+                       "the rerun's first progress", timeout=120)
     assert resumed.resumed_from == 250
     assert run.wait() == 0, run.output()[-3000:]
     run.as_good_as(baseline)

@@ -19,7 +19,8 @@ import pytest
 from codistill import failpoints
 from codistill.storage import TMP_MARK
 from tests.support.faultlog import FaultLog
-from tests.support.faultrun import FaultRun, wait_for
+from tests.support.faultrun import FaultRun
+from tests.support.kube import wait_for
 from tests.support.localrun import workers_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -89,14 +90,14 @@ def test_repeated_sigkills_at_random_lose_at_most_a_checkpoint_each(
         run.start()
         group = rng.randrange(2)
         seen = run.wait_step(group, rng.randrange(low, low + 80))
-        pid = next(pid for pid, env in wait_for(lambda: workers_of(run.url), "workers").items()
+        pid = next(pid for pid, env in wait_for(lambda: workers_of(run.url), "workers", 120).items()
                    if env.get("CODISTILL_GROUP") == str(group))
         os.kill(pid, signal.SIGKILL)
         killed(run)
         committed, before = run.pointer_step(group, "state"), run.progress(group).restarts
         run.start()
         resumed = wait_for(lambda: (p := run.progress(group)) and p.restarts > before
-                           and p.step > committed and p, "the rerun past its resumed step")
+                           and p.step > committed and p, "the rerun past its resumed step", 120)
         assert resumed.resumed_from == committed
         lost.append(seen - committed)
         assert lost[-1] <= CHECKPOINT, (seen, committed)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,14 @@ class FaultLog:
             return None
         path = Path(where)
         path.parent.mkdir(parents=True, exist_ok=True)
-        doc: dict[str, Any] = {"header": HEADER, "rows": [asdict(r) for r in self.rows]}
+        doc: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": _commit(),
+            "machine": f"{platform.node()}, {os.cpu_count()} CPUs", "command": "make faults",
+            "header": HEADER, "rows": [asdict(r) for r in self.rows]}
         path.write_text(json.dumps(doc, indent=1) + "\n")
         return path
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"

@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
@@ -16,23 +14,13 @@ from codistill import names
 from codistill.runfolder import Progress, RunFolder
 from codistill.storage import Bucket, StorageError
 
+from .kube import wait_for
 from .localrun import manifest
 
-T = TypeVar("T")
 # Two uninterrupted runs of the same manifest differ by up to about 0.05 nats in a group's final
 # eval loss on a loaded 2-core machine: when each teacher arrives depends on timing. A model that
 # is broken, or an older one reported as final, is off by far more.
 NOISE = 0.1
-
-
-def wait_for(found: Callable[[], T], what: str, timeout: float = 180.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = found()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class FaultRun:
