@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from codistill.spec import SpecError
 from codistill_trainer import datasets
 from codistill_trainer.tasks import Task, resolve
 from codistill_trainer.tasks.ctr import RowShard, Table
-from codistill_trainer.tasks.lm import TextShard
-from tests.support.datafixtures import make_tiny_data
+from codistill_trainer.tasks.lm import SampledText, TextShard
+from codistill_trainer.tasks.ngram import NgramModel
+from tests.support.datafixtures import WORDS, make_tiny_data
 
 SMALL = {
     "lm": {"seq_len": 16, "embed": 16, "hidden": 32},
@@ -37,6 +39,9 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+CASES = [("lm", {}), ("lm", {"ngram": 5}), ("ctr", {})]  # (task, args): each kind of train data
 
 
 def make(name: str, tiny: Path, **args: object) -> Task:
@@ -115,9 +120,10 @@ def test_ctr_normalizes_with_train_statistics(tiny: Path) -> None:
 # --- determinism ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lm", "ctr"])
-def test_batch_is_a_pure_function_of_step(tiny: Path, name: str) -> None:
-    first, second = make(name, tiny).train_data(1, 2), make(name, tiny).train_data(1, 2)
+@pytest.mark.parametrize(("name", "args"), CASES, ids=["lm", "lm-ngram", "ctr"])
+def test_batch_is_a_pure_function_of_step(tiny: Path, name: str, args: dict) -> None:
+    """Two fresh tasks (two processes, or one resumed after a kill) see the same batches."""
+    first, second = (make(name, tiny, **args).train_data(1, 2) for _ in range(2))
     steps = [0, 5, 40, 5, 0, 41]  # out of order, across an epoch of the ctr shard
     batches = [first.batch(s, 16, seed=3) for s in steps]
     assert all(same(b, second.batch(s, 16, seed=3)) for s, b in zip(steps, batches))
@@ -158,9 +164,10 @@ def test_ctr_logits_are_a_two_class_view_of_one_logit(tiny: Path) -> None:
     assert set(task.targets(batch).tolist()) <= {0, 1}
 
 
-@pytest.mark.parametrize("name", ["lm", "ctr"])
-def test_training_lowers_the_eval_loss(tiny: Path, name: str) -> None:
-    task = make(name, tiny)
+@pytest.mark.parametrize(("name", "args"), CASES, ids=["lm", "lm-ngram", "ctr"])
+def test_training_lowers_the_eval_loss(tiny: Path, name: str, args: dict) -> None:
+    """With `ngram`, eval is still on the held-out real reviews: sampled text must teach them."""
+    task = make(name, tiny, **args)
     torch.manual_seed(0)
     model, data, evals = task.model(), task.train_data(0, 1), task.eval_data(16, 4)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -177,6 +184,80 @@ def test_training_lowers_the_eval_loss(tiny: Path, name: str) -> None:
         loss.backward()
         optimizer.step()
     assert eval_loss() < 0.6 * before
+
+
+# --- lm on sampled text (ngram) -------------------------------------------------------------
+
+
+def text_of(task: Task, ids: torch.Tensor) -> str:
+    return "".join(task.chars[i - 1] if i else "\0" for i in ids.reshape(-1).tolist())
+
+
+def sample(tiny: Path, order: int) -> tuple[Task, torch.Tensor]:
+    """A task of order `order` and 32 sampled windows of 64 characters."""
+    task = make("lm", tiny, ngram=order, seq_len=64)
+    return task, task.train_data(0, 1).batch(0, 32, seed=0).inputs
+
+
+def test_ngram_continues_a_cycle_exactly() -> None:
+    """Text 1..7 repeated: every context has one follower, so every stream continues the cycle
+    (this checks the context keys and the shift that brings each new character in)."""
+    model = NgramModel(torch.arange(1, 8).repeat(10).short(), order=5, vocab=8)
+    out = model.sample(torch.Generator().manual_seed(0), rows=16, length=40).long()
+    assert torch.equal(out[:, 1:], out[:, :-1] % 7 + 1)
+    assert len(out[:, 0].unique()) > 1  # streams start at different places
+
+
+def test_ngram_backs_off_from_an_unseen_context() -> None:
+    """Text 1 2 3 4: nothing ever follows 4, so after a 4 the unigram of followers {2, 3, 4}."""
+    model = NgramModel(torch.tensor([1, 2, 3, 4], dtype=torch.int16), order=2, vocab=5)
+    out = model.sample(torch.Generator().manual_seed(1), rows=64, length=12).long()
+    prev, nxt = out[:, :-1].reshape(-1), out[:, 1:].reshape(-1)
+    assert torch.equal(nxt[prev != 4], prev[prev != 4] + 1)
+    assert set(nxt[prev == 4].tolist()) == {2, 3, 4}
+
+
+def test_ngram_is_off_by_default_and_keeps_the_eval_data(tiny: Path) -> None:
+    corpus, sampled = make("lm", tiny), make("lm", tiny, ngram=4)
+    assert isinstance(corpus.train_data(0, 1), TextShard)
+    assert isinstance(sampled.train_data(0, 1), SampledText)
+    assert same(corpus.eval_data(8, 3), sampled.eval_data(8, 3))
+
+
+def test_ngram_shards_get_different_streams(tiny: Path) -> None:
+    task = make("lm", tiny, ngram=5)
+    data = [task.train_data(i, 3) for i in range(3)]
+    for step in range(5):
+        rows = torch.cat([d.batch(step, 8, seed=0).inputs for d in data])
+        assert len(rows.unique(dim=0)) == len(rows)  # no window shared by two shards (or rows)
+
+
+def test_ngram_targets_are_the_next_characters(tiny: Path) -> None:
+    batch = make("lm", tiny, ngram=3).train_data(0, 1).batch(0, 4, seed=0)
+    assert batch.inputs.shape == batch.targets.shape == (4, 16)
+    assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+
+
+@pytest.mark.parametrize("order", [2, 6])
+def test_ngram_characters_are_distributed_as_in_the_corpus(tiny: Path, order: int) -> None:
+    task, windows = sample(tiny, order)
+    corpus, sampled = Counter(text_of(task, task.splits[0])), Counter(text_of(task, windows))
+    share = {c: (corpus[c] / corpus.total(), sampled[c] / sampled.total()) for c in corpus}
+    assert sampled.most_common(1)[0][0] == corpus.most_common(1)[0][0] == " "
+    assert abs(share[" "][0] - share[" "][1]) < 0.02
+    assert sum(abs(a - b) for a, b in share.values()) / 2 < 0.06  # total variation distance
+
+
+def test_a_higher_ngram_order_writes_the_corpus_words(tiny: Path) -> None:
+    """The fixture's reviews use a few dozen words: a bigram model spells few of them, an
+    order-6 model nearly only them."""
+
+    def real_words(order: int) -> float:
+        task, windows = sample(tiny, order)
+        words = [w for row in windows for w in text_of(task, row).split()[1:-1]]  # whole words
+        return sum(w in WORDS for w in words) / len(words)
+
+    assert real_words(2) < 0.5 < 0.95 < real_words(6)
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -211,6 +292,10 @@ def test_missing_data_fails_when_the_task_is_built(tmp_path: Path, name: str) ->
         ("lm", {"seq_len": 0}, r"spec\.task\.args\.seq_len: expected an integer >= 1"),
         ("ctr", {"hidden": True}, r"spec\.task\.args\.hidden: expected an integer"),
         ("lm", {"cell": "rnn"}, r"spec\.task\.args\.cell: expected one of \['gru', 'lstm'\]"),
+        ("lm", {"ngram": 1}, r"spec\.task\.args\.ngram: expected 0 \(off\) or an order in 2\.\.8"),
+        ("lm", {"ngram": 9}, r"spec\.task\.args\.ngram: expected 0 \(off\) or an order in"),
+        ("lm", {"ngram": 5.0}, r"spec\.task\.args\.ngram: expected an integer >= 0"),
+        ("lm", {"ngram": True}, r"spec\.task\.args\.ngram: expected an integer >= 0"),
     ],
 )
 def test_resolve_errors(tiny: Path, name: str, args: dict, expected: str) -> None:

@@ -5,6 +5,11 @@ a small LSTM (`cell: gru` is the alternative; the LSTM is the faster of the two 
 the next character. A fixed 1 in 20 reviews is held out for eval; the rest, joined, is cut into
 contiguous disjoint shards, and each step draws random windows inside its shard from a generator
 seeded by (seed, shard, step), so a batch is a pure function of the step.
+
+`ngram: N` (2..8; default 0, off) trains instead on unlimited text sampled from an order-N
+character n-gram model fitted to the training reviews (tasks/ngram.py): the paper's regime of a
+very large dataset with little repetition, without a download. Eval stays on the held-out reviews,
+so eval losses compare across the two.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from codistill.spec import SpecError
 from codistill_trainer import datasets, shards
 from codistill_trainer.tasks import int_arg
 from codistill_trainer.tasks.base import Batch, Task, TrainData
+from codistill_trainer.tasks.ngram import ORDERS, NgramModel
 
 EVAL_EVERY = 20  # review i is held out when i % EVAL_EVERY == EVAL_EVERY - 1 (5 %)
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
@@ -70,6 +76,26 @@ class TextShard(TrainData):
         return len(self.ids)
 
 
+class SampledText(TrainData):
+    """Windows of text sampled afresh at every step from an n-gram model, not read from the corpus.
+
+    Shards are separate streams because their generators are seeded with distinct (seed, shard,
+    step) triples, as TextShard's are: two shards share a window only by chance.
+    """
+
+    def __init__(self, ngram: NgramModel, shard: int, seq_len: int, length: int) -> None:
+        self.ngram, self.shard, self.seq_len, self.length = ngram, shard, seq_len, length
+
+    def batch(self, step: int, batch_size: int, seed: int) -> Batch:
+        g = shards.generator(seed, self.shard, step)
+        text = self.ngram.sample(g, batch_size, self.seq_len + 1).flatten()
+        return windows(text, torch.arange(batch_size) * (self.seq_len + 1), self.seq_len)
+
+    def __len__(self) -> int:
+        """The characters of the corpus shard it stands in for, so epochs read the same."""
+        return self.length
+
+
 class LanguageModel(Task):
     """Next-character prediction; `data_dir` defaults to datasets.data_dir()."""
 
@@ -82,6 +108,7 @@ class LanguageModel(Task):
         hidden: int = 128,
         layers: int = 1,
         cell: str = "lstm",
+        ngram: int = 0,
         data_dir: str | None = None,
     ) -> None:
         self.seq_len = int_arg("seq_len", seq_len, 1)
@@ -90,8 +117,19 @@ class LanguageModel(Task):
         if cell not in CELLS:
             raise SpecError(f"spec.task.args.cell: expected one of {sorted(CELLS)}, got {cell!r}")
         self.cell = cell
+        self.ngram = int_arg("ngram", ngram, 0)
+        if self.ngram and self.ngram not in ORDERS:
+            raise SpecError(
+                f"spec.task.args.ngram: expected 0 (off) or an order in {ORDERS.start}.."
+                f"{ORDERS.stop - 1}, got {ngram!r}"
+            )
         self.folder = Path(data_dir) if data_dir else datasets.data_dir()
         self.chars = datasets.read_vocab(self.folder)  # fails now, not in a pod, if data is missing
+        if self.vocab_size ** max(self.ngram - 1, 0) >= 2**62:  # a context key must fit int64
+            raise SpecError(
+                f"spec.task.args.ngram: order {self.ngram} is too high for {self.vocab_size} "
+                "characters"
+            )
         datasets.require(self.folder, datasets.REVIEWS)
 
     @property
@@ -107,12 +145,19 @@ class LanguageModel(Task):
         test = "".join(r + "\n" for r, h in zip(reviews, held) if h)
         return encode(train, self.chars), encode(test, self.chars)
 
+    @cached_property
+    def sampler(self) -> NgramModel:
+        """The n-gram model of the train text (never the held-out one), fitted once."""
+        return NgramModel(self.splits[0], self.ngram, self.vocab_size)
+
     def model(self) -> nn.Module:
         return CharRNN(self.vocab_size, *self.sizes, self.layers, self.cell)
 
     def train_data(self, shard: int, num_shards: int) -> TrainData:
         train = self.splits[0]
         lo, hi = shards.bounds(len(train), shard, num_shards)
+        if self.ngram:
+            return SampledText(self.sampler, shard, self.seq_len, hi - lo)
         self._fits(hi - lo, f"shard {shard} of {num_shards}")
         return TextShard(train[lo:hi], shard, self.seq_len)
 
