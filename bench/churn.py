@@ -135,14 +135,15 @@ def plot(results: dict[str, Any]) -> Figure:
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
+    common.add_device(p)
     args = p.parse_args()
     bench = common.Bench("churn")
     results = {}
     for task, s in (QUICK if args.quick else FULL).items():
         found = jobs(s)
-        outcomes = dict(zip(found, sim.run_all(list(found.values()), args.jobs)))
+        outcomes = dict(zip(found, sim.run_all(list(found.values()), args.jobs, args.device)))
         results[task] = analyse(s, outcomes)
-    bench.write(args.out, {"quick": args.quick, "tasks": results}, SCHEMA, plot(results))
+    bench.write(args.out, {"quick": args.quick, "device": args.device, "tasks": results}, SCHEMA, plot(results))
 
 
 if __name__ == "__main__":

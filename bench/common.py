@@ -47,6 +47,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_device(p: argparse.ArgumentParser) -> None:
+    """`--device`, for the benchmarks that train through bench/sim.py (sections 1 and 2)."""
+    p.add_argument("--device", default="cpu",
+                   help="torch device the models train on: cpu (default), cuda, cuda:1, ...")
+
+
 def git_commit() -> dict[str, Any]:
     """HEAD and whether the tree had uncommitted changes (read-only git calls)."""
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # `git status` must not touch the index

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from multiprocessing import get_context
 from pathlib import Path
@@ -59,11 +59,24 @@ def shared_task(name: str, args: dict[str, Any]) -> Task:
     return task_of(name, tuple(sorted(args.items())))
 
 
+def device(name: str) -> torch.device:
+    """The torch device `--device` names (cpu, cuda, cuda:1, ...), refused in one line when this
+    machine has none such: a benchmark must not fall back to the CPU and report CPU figures."""
+    try:
+        found = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {name}: {e}") from None
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch sees no CUDA device on this machine")
+    return found
+
+
 @contextmanager
-def loops(run: spec.Codistillation, bucket: Bucket) -> Iterator[list[train.Loop]]:
-    """One Loop per group over `bucket`, stopped (threads joined) on exit."""
+def loops(run: spec.Codistillation, bucket: Bucket,
+          on: torch.device = CPU) -> Iterator[list[train.Loop]]:
+    """One Loop per group over `bucket`, training on `on`, stopped (threads joined) on exit."""
     with mock.patch.object(train, "resolve", shared_task):
-        built = [train.Loop(train.Member(run, g, 0, 1, bucket, CPU))
+        built = [train.Loop(train.Member(run, g, 0, 1, bucket, on))
                  for g in range(run.spec.groups)]
     try:
         yield built
@@ -96,6 +109,7 @@ class Job:
     eval_every: int
     eval_size: tuple[int, int]  # (batch size, batches): the same set for every run of a task
     predictions: bool = False  # also return each group's class probabilities on the eval set
+    device: str = "cpu"  # where the groups train (`--device`); eval batches go there too
 
 
 @dataclass
@@ -117,16 +131,17 @@ def run(job: Job, make_bucket: Callable[[str], Bucket] = Bucket) -> Outcome:
     e.g. a Bucket that counts bytes); eval every `eval_every` steps."""
     torch.set_num_threads(1)
     started = time.perf_counter()
+    on = device(job.device)
     the_run = manifest(job.name, job.spec)
-    batches = eval_set(job)
+    batches = [train.to_device(b, on) for b in eval_set(job)]
     curves: dict[int, list[tuple[int, float]]] = {g: [] for g in range(the_run.spec.groups)}
     accuracy: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="codistill-bench-") as folder:
-        with loops(the_run, make_bucket(Path(folder).as_uri())) as group_loops:
+        with loops(the_run, make_bucket(Path(folder).as_uri()), on) as group_loops:
 
             def record(done: int) -> None:
                 for g, loop in enumerate(group_loops):
-                    loss, accuracy[g] = train.evaluate(loop.task, loop.model, batches, CPU)
+                    loss, accuracy[g] = train.evaluate(loop.task, loop.model, batches, on)
                     curves[g].append((done, loss))
 
             record(0)
@@ -143,8 +158,11 @@ def run(job: Job, make_bucket: Callable[[str], Bucket] = Bucket) -> Outcome:
     return Outcome(job, curves, dict(accuracy), probs, time.perf_counter() - started)
 
 
-def run_all(jobs: Sequence[Job], workers: int) -> list[Outcome]:
-    """Run independent jobs, `workers` processes at a time (1 thread each); results in order."""
+def run_all(jobs: Sequence[Job], workers: int, on: str = "cpu") -> list[Outcome]:
+    """Run independent jobs, `workers` processes at a time (1 thread each), training on device
+    `on`; results in order."""
+    device(on)  # refused here, before any job starts
+    jobs = [replace(job, device=on) for job in jobs]
     if workers <= 1:
         return [_announce(run(job)) for job in jobs]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:

@@ -94,11 +94,11 @@ def job(s: Setting, name: str, steps: int, **kw: Any) -> sim.Job:
                    eval_every=max(steps // s.evals, 1), eval_size=s.eval_size)
 
 
-def scan(s: Setting, workers: int) -> tuple[dict[str, Any], dict[int, list]]:
+def scan(s: Setting, workers: int, on: str) -> tuple[dict[str, Any], dict[int, list]]:
     """The batch-scaling curve of synchronous SGD and its plateau batch."""
     jobs = [job(s, f"scan-b{b}", max(s.scan_examples // b, s.steps), groups=1, batch=b, seed=0)
             for b in s.scan]
-    curves = {b: o.curves[0] for b, o in zip(s.scan, sim.run_all(jobs, workers))}
+    curves = {b: o.curves[0] for b, o in zip(s.scan, sim.run_all(jobs, workers, on))}
     smoothed = {b: common.smooth(c, SMOOTH) for b, c in curves.items()}
     target = max(common.best(c) for c in smoothed.values())  # a loss every batch reaches
     steps = [common.steps_to_target(smoothed[b], target) for b in s.scan]
@@ -171,12 +171,12 @@ def stats(r: dict[str, Any]) -> tuple[float, ...]:
             r["ratio"]["std"], r["censored"], r["target"]["mean"], r["codistill_best"]["mean"])
 
 
-def bench_task(s: Setting, workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def bench_task(s: Setting, workers: int, on: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(result for the JSON, curves for the plot) of one task."""
-    scanned, scan_curves = scan(s, workers)
+    scanned, scan_curves = scan(s, workers, on)
     batch = scanned["plateau_batch"] or s.scan[-1]
     jobs = arms(s, batch)
-    outcomes = dict(zip(jobs, sim.run_all(list(jobs.values()), workers)))
+    outcomes = dict(zip(jobs, sim.run_all(list(jobs.values()), workers, on)))
     curves = {key: o.curves for key, o in outcomes.items()}
     result = {"setting": {**s.__dict__, "warmup_steps": WARMUP}, "scan": scanned, "batch": batch,
               **analyse(s, curves),
@@ -272,6 +272,7 @@ def replot(path: Path) -> None:
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
+    common.add_device(p)
     p.add_argument("--tasks", default="lm,ctr", help="comma-separated tasks")
     p.add_argument("--replot", action="store_true", help="only redraw the plot of <out>'s result")
     args = p.parse_args()
@@ -282,8 +283,8 @@ def main() -> None:
     settings = QUICK if args.quick else FULL
     results, curves = {}, {}
     for task in args.tasks.split(","):
-        results[task], curves[task] = bench_task(settings[task], args.jobs)
-    bench.write(args.out, {"quick": args.quick, "tasks": results}, SCHEMA, plot(results, curves))
+        results[task], curves[task] = bench_task(settings[task], args.jobs, args.device)
+    bench.write(args.out, {"quick": args.quick, "device": args.device, "tasks": results}, SCHEMA, plot(results, curves))
 
 
 if __name__ == "__main__":

@@ -167,3 +167,12 @@ def test_the_bench_emulator_honours_equality_label_selectors(tmp_path):
             assert {o["metadata"]["name"] for o in items} == (names or {"j0", "j1", "j2"})
     finally:
         cluster.close()
+
+
+def test_a_device_this_machine_lacks_is_refused_in_one_line_before_any_job() -> None:
+    assert sim.device("cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit, match=r"^--device nonsense: "):
+        sim.device("nonsense")
+    if not torch.cuda.is_available():  # this project's machines: the bench never falls back
+        with pytest.raises(SystemExit, match="^--device cuda: torch sees no CUDA device"):
+            sim.run_all([], workers=1, on="cuda")
