@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,14 @@ def test_a_device_this_machine_lacks_is_refused_in_one_line_before_any_job() -> 
     if not torch.cuda.is_available():  # this project's machines: the bench never falls back
         with pytest.raises(SystemExit, match="^--device cuda: torch sees no CUDA device"):
             sim.run_all([], workers=1, on="cuda")
+
+
+def test_bf16_codistillation_trains_under_autocast_with_float32_master_weights(tmp_path):
+    torch.set_num_threads(1)
+    job = tiny_job(tmp_path, groups=2)
+    spec = copy.deepcopy(job.spec)
+    spec["training"]["precision"] = "bf16"
+    bf16, fp32 = sim.run(sim.Job(job.name, spec, job.eval_every, job.eval_size)), sim.run(job)
+    losses = [loss for _, loss in bf16.curves[0]]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert bf16.curves[0][1:] != fp32.curves[0][1:]  # the forward really ran in bfloat16

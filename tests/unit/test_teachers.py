@@ -205,3 +205,22 @@ def test_pointer_step_past_int64_refused_without_max_step(tmp_path):
     poller.poll_once()
     assert poller.newest() == {1: -1} and "outside" in poller.warnings[1]
     Teachers(TinyTask(), poller, max_staleness=100).refresh()  # would raise OverflowError
+
+
+def test_bf16_teachers_take_half_the_memory_and_accept_fp32_weights(tmp_path):
+    """training.precision bf16: peers publish float32 (checked against the float32 layout), the
+    teacher is held in bfloat16."""
+    bucket = Bucket(tmp_path.as_uri())
+    publish(bucket, 1, 50, 0.5)
+    held = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        poller = PeerPoller(bucket, [1])
+        poller.poll_once()
+        teachers = Teachers(TinyTask(), poller, max_staleness=100, dtype=dtype)
+        teachers.refresh()
+        assert teachers.steps == {1: 50} and 1 not in teachers.warnings
+        model = teachers.models[1]
+        assert {p.dtype for p in model.parameters()} == {dtype}
+        assert torch.equal(model.fc.weight.float(), torch.full((2, 3), 0.5))
+        held[dtype] = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert held[torch.bfloat16] * 2 == held[torch.float32]

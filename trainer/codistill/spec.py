@@ -108,6 +108,13 @@ class Training(_Model):
         description="`disjoint`: every group (and rank) reads its own shard, as in the paper; "
         "`shared`: every group reads the same data (the paper's control).",
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="`bf16`: the student's and the teachers' forward passes run under bfloat16 "
+        "autocast and the teachers are held in bfloat16 (half their memory); weights, gradients "
+        "and the optimizer stay float32, and so do the published weights. `fp32`: float32 "
+        "throughout.",
+    )
 
 
 class Distillation(_Model):

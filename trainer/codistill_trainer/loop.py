@@ -45,7 +45,8 @@ class FinalNotPublished(RuntimeError):
     """The final teacher or state did not reach the bucket: no final.json from an older one."""
 
 
-FINAL_TIMEOUT_S = 300.0  # how long the final publishes are retried before the group fails
+FINAL_TIMEOUT_S = 300.0
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # training.precision -> teachers' dtype  # how long the final publishes are retried before the group fails
 
 
 @dataclass(frozen=True)
@@ -179,22 +180,30 @@ class Loop:
             self.w.bucket, peers, self.spec.distillation.poll_interval_seconds,
             max_step=self.spec.training.steps,  # a peer's pointer beyond it is refused (D9)
         ).start()
-        return Teachers(self.task, poller, self.spec.distillation.max_staleness_steps, self.w.device)
+        return Teachers(self.task, poller, self.spec.distillation.max_staleness_steps, self.w.device,
+                        PRECISIONS[self.spec.training.precision])
+
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast for the forward passes when training.precision asks for it; the
+        losses' softmaxes and reductions stay float32 (autocast's own rule for them)."""
+        bf16 = self.spec.training.precision == "bf16"
+        return torch.autocast(self.w.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def step(self, step: int) -> None:
         d, t = self.spec.distillation, self.spec.training
         batch = to_device(self.data.batch(step, t.batch_size, t.seed), self.w.device)
-        out = self.task.forward(self.ddp, batch)
-        task_loss = self.task.loss(out, batch)
         peers: list[int] = []
         if self.teachers and distills(step, d):
             # The teachers see the student's own batch; every rank of the group draws the same
             # peers, so the ranks stay in step.
             peers = sample(self.teachers.usable(step), d.teachers, t.seed, step)
-        teacher_logits = self.teachers.logits(batch, peers) if peers else []
+        with self.autocast():
+            out = self.task.forward(self.ddp, batch)
+            task_loss = self.task.loss(out, batch)
+            teacher_logits = self.teachers.logits(batch, peers) if peers else []
+            loss, term = codistill_loss(task_loss, self.task.logits(out), teacher_logits,
+                                        weight=d.weight, temperature=d.temperature, kind=d.loss)
         stale = max((step - self.teachers.steps[p] for p in peers), default=None)
-        loss, term = codistill_loss(task_loss, self.task.logits(out), teacher_logits,
-                                    weight=d.weight, temperature=d.temperature, kind=d.loss)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP all-reduces the gradients inside the group here
         # One small all-reduce per step: the group's mean losses for progress, and a loss every

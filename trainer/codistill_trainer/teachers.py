@@ -142,10 +142,13 @@ class Teachers:
     """The peer models this group distills from, in eval mode and never trained."""
 
     def __init__(
-        self, task: Task, poller: PeerPoller, max_staleness: int, device: torch.device | None = None
+        self, task: Task, poller: PeerPoller, max_staleness: int, device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
+        """`dtype` is what the teachers are held in (bfloat16 halves their memory); what peers
+        publish is checked against the task model's own float32 layout all the same."""
         self.task, self.poller, self.max_staleness = task, poller, max_staleness
-        self.device = device or torch.device("cpu")
+        self.device, self.dtype = device or torch.device("cpu"), dtype
         self.peers = sorted(poller.channels)
         self.models: dict[int, nn.Module] = {}
         self.steps: dict[int, int] = {}
@@ -153,6 +156,7 @@ class Teachers:
         self._refused: dict[int, int] = {}  # a step refused by _load, per peer: not retried
         if poller.expected is None:  # so the poller thread refuses wrong dtypes before they get here
             poller.expected = layout(task.model().state_dict())
+        self.expected = poller.expected
 
     def refresh(self) -> None:
         """Swap in newer peer versions, on every rank together (a collective: call on all ranks)."""
@@ -171,12 +175,14 @@ class Teachers:
                 self._load(peer, step, loaded[peer])
 
     def _load(self, peer: int, step: int, weights: dict[str, torch.Tensor]) -> None:
-        model = self.models[peer] if peer in self.models else self.task.model().to(self.device)
-        expected = layout(model.state_dict())
-        # Checked before loading: load_state_dict casts dtypes silently and, on a failure, may
-        # already have overwritten part of the last good teacher. The verdict is the same on
-        # every rank: the blob is identical everywhere.
-        reason = bad_weights(weights, expected)
+        if peer in self.models:
+            model = self.models[peer]
+        else:
+            model = self.task.model().to(self.device, self.dtype)
+        # Checked before loading: load_state_dict casts dtypes silently (on purpose only to
+        # self.dtype) and, on a failure, may already have overwritten part of the last good
+        # teacher. The verdict is the same on every rank: the blob is identical everywhere.
+        reason = bad_weights(weights, self.expected)
         if reason is None:
             try:
                 model.load_state_dict(weights)
