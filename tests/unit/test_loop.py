@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from codistill import spec
@@ -75,20 +76,42 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
+def test_a_non_finite_loss_stops_the_group_before_its_weights_leave_the_process(tmp_path):
+    """The losses are checked at the first boundary (step 5: eval and checkpoint), before the
+    save: no state or teacher of those steps reaches the bucket, and the group says it failed."""
     import pytest
 
+    from codistill import names
     from codistill_trainer.loop import NonFiniteLoss
 
     trainer = loop(tmp_path, run_spec(tmp_path, steps=10))
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     real_loss = trainer.task.loss
     trainer.task.loss = lambda out, batch: real_loss(out, batch) * float("nan")
-    with pytest.raises(NonFiniteLoss, match="step 0: loss is nan"):
+    with pytest.raises(NonFiniteLoss, match="loss is nan in the steps up to 5; stopping before"):
         trainer.run()
-    for name, value in trainer.model.state_dict().items():
-        assert torch.equal(value, before[name]), name
-    assert trainer.w.bucket.get_json("groups/0/progress.json")["state"] == "failed"
+    bucket = trainer.w.bucket
+    assert bucket.ls(names.state_dir(0)) == [] and bucket.ls(names.teacher_dir(0)) == []
+    assert bucket.get_json("groups/0/progress.json")["state"] == "failed"
+
+
+def test_the_losses_in_progress_are_the_means_of_their_steps(tmp_path):
+    """Summed on the device, reduced once per interval: progress shows each interval's mean."""
+    trainer = loop(tmp_path, run_spec(tmp_path, steps=10))
+    seen = []
+    real_loss = trainer.task.loss
+
+    def loss(out, batch):
+        value = real_loss(out, batch)
+        if trainer.model.training:  # not the evals
+            seen.append(value.item())
+        return value
+
+    trainer.task.loss = loss
+    trainer.run()
+    recorded = [h for h in trainer.progress.history if "taskLoss" in h]
+    assert [h["step"] for h in recorded] == [10]  # one record per 10 steps (PROGRESS_EVERY)
+    assert abs(recorded[0]["taskLoss"] - sum(seen) / 10) < 1e-5
+    assert recorded[0]["loss"] == pytest.approx(recorded[0]["taskLoss"])  # one group: no term
 
 
 def failing_final_publishes(trainer: Loop, steps: int, times: int) -> list[int]:

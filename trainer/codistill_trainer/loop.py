@@ -133,6 +133,7 @@ class Loop:
         self.states = state_channel(w.bucket, w.group)
         self.publisher = teacher_channel(w.bucket, w.group)
         self.progress = ProgressMeter(w.group, self.spec.training.steps)
+        self.losses = torch.zeros(4, device=w.device)  # sums since the last check_losses
         self.submitted = -1  # last step whose weights were handed to the uploader
         self.published: Pointer | None = None  # the last publish that landed
         self.start = self._resume()
@@ -206,33 +207,49 @@ class Loop:
         stale = max((step - self.teachers.steps[p] for p in peers), default=None)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP all-reduces the gradients inside the group here
-        # One small all-reduce per step: the group's mean losses for progress, and a loss every
-        # rank agrees on, so the finiteness check below stops all ranks together or none.
-        total, task_mean, term_mean, used = dist.mean(
-            [loss.item(), task_loss.item(), term.item() if term is not None else 0.0,
-             float(term is not None)]
-        )
-        # After backward (the loss is known) and before clipping and the optimizer step: a NaN
-        # must never reach the weights, and the last good state stays in the bucket.
-        if not math.isfinite(total):
-            raise NonFiniteLoss(f"group {self.w.group} step {step}: loss is {total}; stopping "
-                                f"before the optimizer step (last state is kept in the bucket)")
         if t.optimizer.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), t.optimizer.grad_clip)
         self.opt.step()
         self.sched.step()
-        self.progress.add(step + 1, t.batch_size * self.w.world, staleness=stale, loss=total,
-                          taskLoss=task_mean, distillLoss=term_mean if used else None)
+        # The losses stay on the device: adding them up needs no host synchronisation, so the
+        # step never waits for the device. They are reduced and checked at the next boundary.
+        zero = loss.new_zeros((), dtype=torch.float32)
+        self.losses += torch.stack([
+            loss.detach().float(), task_loss.detach().float(),
+            term.detach().float() if term is not None else zero, zero + (term is not None)])
+        self.progress.add(step + 1, t.batch_size * self.w.world, staleness=stale)
+
+    def check_losses(self, done: int) -> None:
+        """Reduce the losses summed since the last check over the group (one all-reduce and one
+        host synchronisation per interval, not per step) into progress, and stop if they are not
+        finite. Called before anything of the model leaves the process (publish, eval, save,
+        progress): a NaN in the weights is never published or saved, and the group resumes from
+        the last good state in the bucket."""
+        total, task_sum, term_sum, used = (dist.all_reduce(self.losses) / dist.world()).tolist()
+        self.losses.zero_()
+        if not math.isfinite(total):
+            raise NonFiniteLoss(
+                f"group {self.w.group}: loss is {total} in the steps up to {done}; stopping "
+                "before these weights are published or saved (the last state is kept in the "
+                "bucket)")
+        self.progress.add_losses(loss=total, taskLoss=task_sum,
+                                 distillLoss=term_sum if used else None)
 
     def after_step(self, done: int) -> None:
         """Periodic work at the boundary after `done` steps.
 
-        Every rank runs this in the same order, because refresh (two MIN all-reduces), evaluate
-        (one all-reduce) and save (an all-gather of RNG states) are collectives. Publishing comes
+        Every rank runs this in the same order, because check_losses (one SUM all-reduce),
+        refresh (two MIN all-reduces), evaluate (one all-reduce) and save (an all-gather of RNG
+        states) are collectives. The losses are checked first, at every boundary that does
+        anything, so weights from a non-finite step never leave the process. Publishing comes
         before refreshing so a peer's reload at this same step can already see this step's
         weights; progress.json is written last so it shows this step's eval and publish.
         """
         t, d = self.spec.training, self.spec.distillation
+        due = [d.exchange_every_steps, d.reload_every_steps, t.eval_every_steps, PROGRESS_EVERY,
+               t.checkpoint_every_steps]
+        if done == t.steps or any(done % k == 0 for k in due):
+            self.check_losses(done)  # a collective, at the same boundaries on every rank
         if self.teachers and done % d.exchange_every_steps == 0:
             self.publish(done)
         if self.teachers and done % d.reload_every_steps == 0:

@@ -34,11 +34,14 @@ class ProgressMeter:
         self.rate = 0.0
         self.last: dict[str, float | None] = {}
 
-    def add(self, step: int, examples: int, staleness: int | None, **losses: float | None) -> None:
-        """Accumulate one step's (group-averaged) losses and the staleness of its teachers."""
+    def add(self, step: int, examples: int, staleness: int | None) -> None:
+        """Count one step, its examples and the staleness of its teachers."""
         self.step, self._count, self._examples = step, self._count + 1, self._examples + examples
         if staleness is not None:
             self._staleness = max(staleness, self._staleness or staleness)
+
+    def add_losses(self, **losses: float | None) -> None:
+        """Add (group-averaged) losses summed over the steps counted since the last call."""
         for key, value in losses.items():
             if value is not None:
                 self._sums[key] = self._sums.get(key, 0.0) + value
