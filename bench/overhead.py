@@ -15,6 +15,12 @@ forward / (G-1)), and the exchange costs the training thread almost nothing
 (`exchange_overhead_fraction` = exchange time / iteration time).
 
     python -m bench.overhead [--quick]
+    python -m bench.overhead --device cuda --precision bf16 --size gpu --out bench/results/gpu
+
+`--size gpu` is a model that means something on one H100/H200: the `lm` LSTM with 2 layers of
+4096 units (about 210 M parameters), sequences of 128, batch 32; on a GPU the stopwatch
+synchronises the device around every part, and the result adds each G's peak device memory.
+`tests/unit/test_bench.py` runs a CPU smoke version of that path.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import torch
 from matplotlib.figure import Figure
 
 from bench import common, sim
@@ -36,7 +44,11 @@ from codistill_trainer import loop as train
 
 SCHEMA: common.Schema = {"exchange_overhead_fraction": {"*": {}}, "teacher_cost_ratio": {"*": {}},
                          "groups": {"*": {"iteration_s": {}, "parts_s": {}}}}
-TASK = {"name": "lm", "args": {"seq_len": 64, "embed": 64, "hidden": 128}}  # the quickstart model
+# --size: the quickstart model (the figures below), or one sized for a GPU (about 210 M parameters)
+SIZES = {"toy": ({"name": "lm", "args": {"seq_len": 64, "embed": 64, "hidden": 128}}, 32),
+         "gpu": ({"name": "lm", "args": {"seq_len": 128, "embed": 512, "hidden": 4096,
+                                         "layers": 2}}, 32)}
+TASK = SIZES["toy"][0]
 EXCHANGE = 25  # exchangeEverySteps = reloadEverySteps
 PARTS = ("student_forward", "backward_optimizer", "teacher_forward", "distill_term",
          "exchange_on_thread", "other")
@@ -45,17 +57,22 @@ PARTS = ("student_forward", "backward_optimizer", "teacher_forward", "distill_te
 class Stopwatch:
     """Total seconds and calls per named part, by wrapping the callables that do each part."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
+        """`sync` waits for the device (torch.cuda.synchronize on a GPU): a part's time is then
+        its work, not the time to queue it."""
+        self.sync = sync
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self._restore: list[Callable[[], None]] = []
 
     def timed(self, key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.sync()
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.sync()
                 self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
                 self.calls[key] = self.calls.get(key, 0) + 1
 
@@ -74,11 +91,25 @@ class Stopwatch:
         return self.seconds.get(key, 0.0)
 
 
-def spec_doc(groups: int, batch: int, steps: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Setup:
+    """What is measured and where: the task (`--size`), the device and training.precision."""
+
+    task: dict[str, Any] = field(default_factory=lambda: TASK)
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+
+def spec_doc(groups: int, batch: int, steps: int, setup: Setup = Setup()) -> dict[str, Any]:
     return {
-        "groups": groups, "task": TASK,
+        "groups": groups, "task": setup.task,
         "training": {"steps": steps, "batchSize": batch, "evalEverySteps": steps,
-                     "evalBatches": 1, "checkpointEverySteps": steps},
+                     "evalBatches": 1, "checkpointEverySteps": steps,
+                     "precision": setup.precision},
         "distillation": {"burnInSteps": 0, "exchangeEverySteps": EXCHANGE,
                          "reloadEverySteps": EXCHANGE, "maxStalenessSteps": 100 * EXCHANGE,
                          "pollIntervalSeconds": 0.2},
@@ -86,9 +117,10 @@ def spec_doc(groups: int, batch: int, steps: int) -> dict[str, Any]:
 
 
 @contextmanager
-def instrumented(group_loops: list[train.Loop]) -> Iterator[Stopwatch]:
+def instrumented(group_loops: list[train.Loop],
+                 sync: Callable[[], None] = lambda: None) -> Iterator[Stopwatch]:
     """Time every part of every group's step; the groups share one Task object (sim.loops)."""
-    sw = Stopwatch()
+    sw = Stopwatch(sync)
     for loop in group_loops:
         for attr in ("step", "after_step", "publish"):
             sw.wrap(loop, attr, attr)
@@ -118,32 +150,64 @@ def warm_up(group_loops: list[train.Loop], limit: int) -> int:
     return step
 
 
-def measure(groups: tuple[int, ...], batch: int, steps: int, rounds: int) -> dict[str, Any]:
+def measure(groups: tuple[int, ...], batch: int, steps: int, rounds: int,
+            setup: Setup = Setup()) -> dict[str, Any]:
     """Per G, the median over `rounds` of each part's seconds per group-step; in every round
-    each G is timed for `steps` steps in turn, so load from elsewhere hits them alike."""
+    each G is timed for `steps` steps in turn, so load from elsewhere hits them alike. With a
+    CUDA device, also each G's peak device memory during its steps."""
     limit = 20 * EXCHANGE
+    on = sim.device(setup.device)
     with ExitStack() as stack:
-        runs = {}
+        runs, resident = {}, {}
         for g in groups:
-            run = sim.manifest(f"overhead-g{g}", spec_doc(g, batch, limit + rounds * steps + 1))
+            doc = spec_doc(g, batch, limit + rounds * steps + 1, setup)
+            run = sim.manifest(f"overhead-g{g}", doc)
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="codistill-bench-"))
-            group_loops = stack.enter_context(sim.loops(run, Bucket(Path(folder).as_uri())))
+            before = allocated(on)
+            group_loops = stack.enter_context(sim.loops(run, Bucket(Path(folder).as_uri()), on))
             start = warm_up(group_loops, limit)
+            resident[g] = allocated(on) - before  # models, optimizers, teachers of this G
             if g > 1 and start == limit:
                 raise RuntimeError(f"G={g}: teachers were not loaded after {limit} steps")
             runs[g] = (group_loops, start)
         samples: dict[int, list[dict[str, Any]]] = {g: [] for g in groups}
+        transient: dict[int, int] = {}
         for r in range(rounds):
             for g, (group_loops, start) in runs.items():
                 first = start + r * steps
-                with instrumented(group_loops) as sw:
+                if on.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(on)
+                at_start = allocated(on)
+                with instrumented(group_loops, setup.sync) as sw:
                     for step in range(first, first + steps):
                         for loop in group_loops:
                             loop.step(step)
                         for loop in group_loops:
                             loop.after_step(step + 1)
                 samples[g].append(breakdown(sw, g * steps))
-    return {str(g): median(found) for g, found in samples.items()}
+                if on.type == "cuda":  # activations, gradients, the term's tensors
+                    peak = torch.cuda.max_memory_allocated(on) - at_start
+                    transient[g] = max(transient.get(g, 0), peak)
+        teacher = teacher_bytes(runs[max(runs)][0])
+    cuda = on.type == "cuda"
+    return {str(g): {**median(found), "resident_device_bytes": resident[g] if cuda else None,
+                     "step_device_bytes": transient.get(g),
+                     "teacher_bytes_per_peer": teacher if g > 1 else None}
+            for g, found in samples.items()}
+
+
+def allocated(on: torch.device) -> int:
+    """Bytes the device's caching allocator holds for tensors (0 on a CPU: not measured)."""
+    return torch.cuda.memory_allocated(on) if on.type == "cuda" else 0
+
+
+def teacher_bytes(group_loops: list[train.Loop]) -> int | None:
+    """Bytes of one teacher's parameters as held (halved by training.precision bf16)."""
+    teachers = group_loops[0].teachers
+    if not teachers or not teachers.models:
+        return None
+    model = next(iter(teachers.models.values()))
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def median(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -194,12 +258,20 @@ def plot(result: dict[str, Any]) -> Figure:
 
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, help="examples per step (default: the size's, 32)")
+    common.add_device(p)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="training.precision of every run")
+    p.add_argument("--size", choices=sorted(SIZES), default="toy",
+                   help="toy: the quickstart model; gpu: about 210 M parameters")
     args = p.parse_args()
     bench = common.Bench("overhead")
+    task, batch = SIZES[args.size]
+    setup = Setup(task, args.device, args.precision)
     steps, rounds = (EXCHANGE, 3) if args.quick else (2 * EXCHANGE, 7)
-    groups = measure((1, 2, 4), args.batch, steps, rounds)
-    result = {"quick": args.quick, "task": TASK, "batch": args.batch, "timed_steps": steps,
+    groups = measure((1, 2, 4), args.batch or batch, steps, rounds, setup)
+    result = {"quick": args.quick, "task": task, "device": args.device,
+              "precision": args.precision, "batch": args.batch or batch, "timed_steps": steps,
               "rounds": rounds,
               "exchange_every_steps": EXCHANGE, "groups": groups,
               "exchange_overhead_fraction": {

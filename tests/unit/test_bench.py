@@ -188,3 +188,18 @@ def test_bf16_codistillation_trains_under_autocast_with_float32_master_weights(t
     losses = [loss for _, loss in bf16.curves[0]]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert bf16.curves[0][1:] != fp32.curves[0][1:]  # the forward really ran in bfloat16
+
+
+def test_the_overhead_benchmarks_gpu_path_runs_on_a_cpu_in_bf16(tmp_path):
+    """The smoke version of `bench.overhead --device cuda --precision bf16 --size gpu`: the same
+    code on a tiny model on the CPU. Teachers are held in bfloat16: 2 bytes a parameter."""
+    torch.set_num_threads(1)
+    data = make_tiny_data(tmp_path / "data")
+    task = {"name": "lm", "args": {"data_dir": str(data), "seq_len": 8, "embed": 8, "hidden": 16}}
+    found = overhead.measure((1, 2), batch=4, steps=2, rounds=1,
+                             setup=overhead.Setup(task, "cpu", "bf16"))
+    assert set(found) == {"1", "2"} and found["2"]["parts_s"]["teacher_forward"] > 0
+    params = sum(p.numel() for p in sim.shared_task("lm", task["args"]).model().parameters())
+    assert found["2"]["teacher_bytes_per_peer"] == 2 * params
+    assert found["1"]["teacher_bytes_per_peer"] is None
+    assert found["2"]["resident_device_bytes"] is None  # measured on a GPU only
