@@ -89,17 +89,18 @@ def test_repeated_sigkills_at_random_lose_at_most_a_checkpoint_each(
     for low in (60, 160, 260):
         run.start()
         group = rng.randrange(2)
-        seen = run.wait_step(group, rng.randrange(low, low + 80))
+        run.wait_step(group, rng.randrange(low, low + 80))
         pid = next(pid for pid, env in wait_for(lambda: workers_of(run.url), "workers", 120).items()
                    if env.get("CODISTILL_GROUP") == str(group))
         os.kill(pid, signal.SIGKILL)
         killed(run)
+        seen = run.step(group)  # the last progress the killed group wrote: a lower bound
         committed, before = run.pointer_step(group, "state"), run.progress(group).restarts
         run.start()
         resumed = wait_for(lambda: (p := run.progress(group)) and p.restarts > before
                            and p.step > committed and p, "the rerun past its resumed step", 120)
         assert resumed.resumed_from == committed
-        lost.append(seen - committed)
+        lost.append(max(0, seen - committed))  # its state may have landed after that record
         assert lost[-1] <= CHECKPOINT, (seen, committed)
         run.proc.send_signal(signal.SIGINT)  # the next kill starts from this resumed run
         assert run.wait() == 1

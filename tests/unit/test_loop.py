@@ -194,3 +194,15 @@ def test_a_group_resumed_at_its_last_step_still_reports_its_loss_and_eval(tmp_pa
     progress = RunFolder(resumed.w.bucket).progress(0)
     assert final.eval_loss is not None and final.eval_loss == killed.progress.eval["evalLoss"]
     assert progress.loss is not None and abs(progress.eval_loss - final.eval_loss) < 1e-5
+
+
+def test_a_restarted_group_removes_what_a_kill_left_of_its_writes(tmp_path):
+    """A kill during a local write leaves `<name>.tmp-<hex>`; the group's next start removes its
+    own (not other groups'), before it writes anything."""
+    run = run_spec(tmp_path, steps=4)
+    bucket = Bucket((tmp_path / "bucket").as_uri())
+    bucket.put("groups/0/progress.json.tmp-0badf00d", b"{half")
+    bucket.put("groups/1/progress.json.tmp-0badf00d", b"{half")
+    loop(tmp_path, run)
+    assert bucket.ls("groups/0") == []
+    assert bucket.ls("groups/1") == ["progress.json.tmp-0badf00d"]

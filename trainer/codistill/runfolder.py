@@ -18,7 +18,7 @@ from pydantic.alias_generators import to_camel
 
 from . import names
 from .spec import Codistillation, parse
-from .storage import Bucket
+from .storage import TMP_MARK, Bucket
 
 UNREADABLE = "unreadable"  # the `state` of a progress file that exists but cannot be read
 
@@ -185,6 +185,15 @@ class RunFolder:
 
     def write_run(self, run: Codistillation) -> None:
         self.bucket.put_json(names.RUN_JSON, run.resolved())
+
+    def remove_temporaries(self, group: int) -> None:
+        """Delete what writes of this group's own files left when killed mid-way (local folders
+        only: `<name>.tmp-<hex>`, see `Bucket.put`). For the group's rank 0 before it writes
+        anything, so none of its writes is in flight; its channels clean their own folders."""
+        folder = names.group_dir(group)
+        for name in self.bucket.ls(folder):
+            if TMP_MARK in name:
+                self.bucket.rm(f"{folder}/{name}")
 
     def progress(self, group: int) -> Progress | None:
         """A group's progress; None before it wrote any. Content that does not parse (torn on a

@@ -138,6 +138,7 @@ class Loop:
         self.published: Pointer | None = None  # the last publish that landed
         self.start = self._resume()
         self.saved = self.start if self.start else -1  # resumed: that state is in the bucket
+        self._tidy()
         self.progress.restarts = self._restarts()
         self.ddp = DistributedDataParallel(self.model) if w.world > 1 else self.model
         shard, shards = shard_of(
@@ -159,6 +160,16 @@ class Loop:
         self.progress.resumed_from = self.progress.step = step
         log.info("group %d rank %d resumed from step %d", self.w.group, self.w.rank, step)
         return step
+
+    def _tidy(self) -> None:
+        """Remove what a kill left of this group's own writes (a progress.json in its temporary
+        file), so a group killed again and again cannot fill a local disk with them (D10)."""
+        if self.w.rank != 0:
+            return
+        try:
+            self.folder.remove_temporaries(self.w.group)
+        except StorageError as e:  # harmless: they are only litter; tried again next start
+            log.warning("group %d: temporary files not removed (%s)", self.w.group, e)
 
     def _restarts(self) -> int:
         """Counted by the trainer itself, from its own last progress file, so a restart shows in
