@@ -92,6 +92,10 @@ class FaultProxy:
             client.close()
             return
         with self._lock:
+            if self.mode == "refuse":  # accepted just before the refusal began: reset it too
+                for sock in (client, upstream):
+                    _reset(sock)
+                return
             self._open.update((client, upstream))
         for src, dst in ((client, upstream), (upstream, client)):
             threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
@@ -121,12 +125,15 @@ class FaultProxy:
 
 
 def _reset(s: socket.socket) -> None:
-    """Close with an RST, as a refused or crashed server does to a connection mid-request."""
+    """End a connection as a crashed server does, mid-request. The shutdown matters: a close
+    alone does not wake a pump thread blocked in recv on it, and then the connection stays open,
+    silent, until the client's read timeout (the black hole, not a refusal)."""
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        s.close()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+        s.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+    s.close()
 
 
 class MotoProcess:
