@@ -23,12 +23,6 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.
     return t
 
 
-def mean(values: list[float]) -> list[float]:
-    """Average scalars over the group's ranks (each rank saw a different shard)."""
-    t = all_reduce(torch.tensor(values, dtype=torch.float64))
-    return (t / world()).tolist()
-
-
 def min_int(values: list[int]) -> list[int]:
     """The smallest of each value over the ranks: what every rank of the group has."""
     return all_reduce(torch.tensor(values, dtype=torch.int64), dist.ReduceOp.MIN).tolist()

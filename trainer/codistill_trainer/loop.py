@@ -45,8 +45,8 @@ class FinalNotPublished(RuntimeError):
     """The final teacher or state did not reach the bucket: no final.json from an older one."""
 
 
-FINAL_TIMEOUT_S = 300.0
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # training.precision -> teachers' dtype  # how long the final publishes are retried before the group fails
+FINAL_TIMEOUT_S = 300.0  # how long the final publishes are retried before the group fails
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # training.precision -> teachers' dtype
 
 
 @dataclass(frozen=True)
@@ -225,9 +225,9 @@ class Loop:
         # The losses stay on the device: adding them up needs no host synchronisation, so the
         # step never waits for the device. They are reduced and checked at the next boundary.
         zero = loss.new_zeros((), dtype=torch.float32)
-        self.losses += torch.stack([
-            loss.detach().float(), task_loss.detach().float(),
-            term.detach().float() if term is not None else zero, zero + (term is not None)])
+        used = zero + 1.0 if term is not None else zero  # on the device, as the losses are
+        self.losses += torch.stack([loss.detach().float(), task_loss.detach().float(),
+                                    term.detach().float() if term is not None else zero, used])
         self.progress.add(step + 1, t.batch_size * self.w.world, staleness=stale)
 
     def check_losses(self, done: int) -> None:

@@ -156,7 +156,7 @@ class Teachers:
         self._refused: dict[int, int] = {}  # a step refused by _load, per peer: not retried
         if poller.expected is None:  # so the poller thread refuses wrong dtypes before they get here
             poller.expected = layout(task.model().state_dict())
-        self.expected = poller.expected
+        self.expected = poller.expected  # its own: _load checks again whatever the poller did
 
     def refresh(self) -> None:
         """Swap in newer peer versions, on every rank together (a collective: call on all ranks)."""
