@@ -4,6 +4,10 @@
 #   etcd                                               (go.etcd.io/etcd/server/v3, cluster/go/etcd)
 #   training-operator                                  (github.com/kubeflow/training-operator,
 #                                                       cluster/go/training-operator)
+#   jobset                                             (sigs.k8s.io/jobset, cluster/go/jobset)
+#   trainer                                            (github.com/kubeflow/trainer/v2,
+#                                                       cluster/go/trainer)
+#   kueue                                              (sigs.k8s.io/kueue, cluster/go/kueue)
 # Each lands in .cache/cluster/bin/<component>-<version>/<component>; one already there is kept.
 # The versions are the ones the modules' go.mod files require (go.sum pins everything else).
 #
@@ -24,7 +28,7 @@ export GOCACHE=${GOCACHE:-$cache/go/build}
 # never rewritten by a build; a missing go.sum line is an error, not a silent download.
 export GOFLAGS="-buildvcs=false -modcacherw -mod=readonly"
 export CGO_ENABLED=0
-# All three modules say `go 1.26.0`; the local go (1.26.8 on the polyglot machines) is enough, and
+# Every module says `go 1.26.0`; the local go (1.26.8 on the polyglot machines) is enough, and
 # an older local go fetches go1.26.0 from the module proxy (GOTOOLCHAIN=auto). A version needing a
 # newer Go than the local one would need e.g. `export GOTOOLCHAIN=go1.27.3` here.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
@@ -37,11 +41,21 @@ modversion() { # modversion MODULE_DIR MODULE_PATH
 kube_version=$(modversion kubernetes k8s.io/kubernetes)
 etcd_version=$(modversion etcd go.etcd.io/etcd/server/v3)
 to_version=$(modversion training-operator github.com/kubeflow/training-operator)
+jobset_version=$(modversion jobset sigs.k8s.io/jobset)
+trainer_version=$(modversion trainer github.com/kubeflow/trainer/v2)
+kueue_version=$(modversion kueue sigs.k8s.io/kueue)
+# Tests validate rendered TrainJobs against the CRD of the previous minor release too; only its
+# CRD is fetched (go mod download), nothing of it is built.
+trainer_prev_version=v2.2.0
 
 if [[ ${1:-} == --print-bindir ]]; then
     for c in kube-apiserver kube-controller-manager kubectl; do echo "$c=$bin/$c-$kube_version"; done
     echo "etcd=$bin/etcd-$etcd_version"
     echo "training-operator=$bin/training-operator-$to_version"
+    echo "jobset=$bin/jobset-$jobset_version"
+    echo "trainer=$bin/trainer-$trainer_version"
+    echo "kueue=$bin/kueue-$kueue_version"
+    echo "trainer-crds-${trainer_prev_version%.*}=$bin/trainer-crds-$trainer_prev_version"
     exit 0
 fi
 
@@ -103,6 +117,65 @@ if [[ ! -d $to_out/manifests || ! -d $to_out/release ]]; then
     cp -r "$src/manifests/base" "$to_out/release/"
     cp -r "$src/manifests/overlays/standalone" "$to_out/release/overlays/"
     chmod -R u+w "$to_out/manifests" "$to_out/release"
+fi
+
+jobset_out=$bin/jobset-$jobset_version
+build jobset "$jobset_version" jobset sigs.k8s.io/jobset "-ldflags=-s -w"
+# Its CRD, RBAC and webhook configurations (kustomize bases of the release), as above.
+if [[ ! -d $jobset_out/manifests ]]; then
+    src=$(cd "$here/go/jobset" && go list -m -f '{{.Dir}}' sigs.k8s.io/jobset)
+    rm -rf "$jobset_out/manifests.tmp"
+    mkdir -p "$jobset_out/manifests.tmp"
+    cp -r "$src/config/components/crd/bases" "$jobset_out/manifests.tmp/crds"
+    cp -r "$src/config/components/rbac" "$src/config/components/webhook" \
+        "$src/config/components/manager" "$jobset_out/manifests.tmp/"
+    chmod -R u+w "$jobset_out/manifests.tmp"
+    mv "$jobset_out/manifests.tmp" "$jobset_out/manifests"
+fi
+
+trainer_out=$bin/trainer-$trainer_version
+build trainer "$trainer_version" trainer \
+    github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager "-ldflags=-s -w"
+# v2.3.0 still ships plain CRDs under manifests/base/crds (the Helm chart's templates/crd is
+# generated from them); its RBAC, webhooks, manager config and the default runtimes, as above.
+if [[ ! -d $trainer_out/manifests ]]; then
+    src=$(cd "$here/go/trainer" && go list -m -f '{{.Dir}}' github.com/kubeflow/trainer/v2)
+    rm -rf "$trainer_out/manifests.tmp"
+    mkdir -p "$trainer_out/manifests.tmp"
+    cp -r "$src/manifests/base/crds" "$src/manifests/base/rbac" "$src/manifests/base/webhook" \
+        "$src/manifests/base/manager" "$src/manifests/base/runtimes" "$trainer_out/manifests.tmp/"
+    chmod -R u+w "$trainer_out/manifests.tmp"
+    mv "$trainer_out/manifests.tmp" "$trainer_out/manifests"
+fi
+
+kueue_out=$bin/kueue-$kueue_version
+# GitVersion stamped as its Makefile does, so that its "Initializing" log line names the release
+build kueue "$kueue_version" kueue sigs.k8s.io/kueue/cmd/kueue \
+    "-ldflags=-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$kueue_version"
+# Its CRDs, RBAC and webhook configurations (config/components of the release), as above.
+if [[ ! -d $kueue_out/manifests ]]; then
+    src=$(cd "$here/go/kueue" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
+    rm -rf "$kueue_out/manifests.tmp"
+    mkdir -p "$kueue_out/manifests.tmp"
+    cp -r "$src/config/components/crd/bases" "$kueue_out/manifests.tmp/crds"
+    cp -r "$src/config/components/rbac" "$src/config/components/webhook" \
+        "$src/config/components/manager" "$kueue_out/manifests.tmp/"
+    chmod -R u+w "$kueue_out/manifests.tmp"
+    mv "$kueue_out/manifests.tmp" "$kueue_out/manifests"
+fi
+
+# The previous release's TrainJob CRD only. go mod download checks it against the checksum
+# database (GONOSUMDB etc. apply as usual); -mod=readonly does not concern it.
+prev_out=$bin/trainer-crds-$trainer_prev_version
+if [[ ! -f $prev_out/trainer.kubeflow.org_trainjobs.yaml ]]; then
+    src=$(cd "$here/go/trainer" && GOFLAGS=-modcacherw go mod download -json \
+        "github.com/kubeflow/trainer/v2@$trainer_prev_version" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+    rm -rf "$prev_out.tmp"
+    mkdir -p "$prev_out.tmp"
+    cp "$src/manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml" "$prev_out.tmp/"
+    chmod -R u+w "$prev_out.tmp"
+    rm -rf "$prev_out"
+    mv "$prev_out.tmp" "$prev_out"
 fi
 
 echo "== all built in $(( $(date +%s) - total_start ))s; binaries under $bin"

@@ -4,9 +4,11 @@
 etcd, kube-apiserver (x509 client certs, Node+RBAC authorization, the default admission plugins
 with PodSecurity, service-account tokens) and kube-controller-manager run as local processes,
 built by cluster/build.sh; optionally the Kubeflow Training Operator too, with its CRDs, its
-ClusterRole and its validating webhook. No kubelet, no scheduler: pods stay Pending.
+ClusterRole and its validating webhook, and/or JobSet + Kubeflow Trainer v2 (TrainJob) with theirs,
+and/or Kueue (quota-based admission of TrainJobs and PyTorchJobs). No kubelet, no scheduler:
+pods stay Pending (cluster/kubelet.py runs them).
 
-    python3 cluster/controlplane.py up --dir DIR [--no-training-operator]
+    python3 cluster/controlplane.py up --dir DIR [--no-training-operator] [--trainer-v2] [--kueue]
     python3 cluster/controlplane.py status --dir DIR
     python3 cluster/controlplane.py down --dir DIR
 
@@ -68,6 +70,34 @@ TO_SCHEMES = {  # --enable-scheme value -> (kind, plural)
     "jaxjob": ("JAXJob", "jaxjobs"),
 }
 
+# Kubeflow Trainer v2 and JobSet (the releases' kustomize bases and cmd/ defaults). Both run with
+# their internal cert rotator off (certManagement / internalCertManagement enable: false), so the
+# names below only appear in the serving certificate's SANs and in the webhook configurations.
+JOBSET_USER = "jobset-controller-manager"
+JOBSET_SERVICE_DNS = "jobset-webhook-service.jobset-system.svc"
+JOBSET_CLUSTER_ROLE = "jobset-manager-role"  # manager-role in role.yaml, namePrefix jobset-
+TRAINER_USER = "kubeflow-trainer-controller-manager"
+TRAINER_SERVICE_DNS = "kubeflow-trainer-controller-manager.kubeflow-system.svc"
+TRAINER_CLUSTER_ROLE = "kubeflow-trainer-controller-manager"
+# build.sh also copies this older release's TrainJob CRD (tests validate against both); keep it
+# equal to build.sh's trainer_prev_version
+TRAINER_PREVIOUS = "v2.2.0"
+
+# Kueue (config/default of the release: namespace kueue-system, namePrefix kueue-). Its internal
+# cert management is off (internalCertManagement enable: false), so the Service name only appears
+# in the serving certificate's SANs.
+KUEUE_USER = "kueue-controller-manager"
+KUEUE_NAMESPACE = "kueue-system"
+KUEUE_SERVICE_DNS = "kueue-webhook-service.kueue-system.svc"
+KUEUE_PREFIX = "kueue-"
+# the job kinds codistill creates; "kubeflow.org/pytorchjob" is off in Kueue's default config
+KUEUE_FRAMEWORKS = ("trainer.kubeflow.org/trainjob", "kubeflow.org/pytorchjob")
+# the CRDs that config/components/crd/kustomization.yaml gives a conversion webhook (v1beta1 <-> v1beta2)
+KUEUE_CONVERTED_CRDS = ("localqueues", "clusterqueues", "cohorts", "workloads", "multikueueclusters")
+# With internal cert management off, cmd/kueue/main.go always reads the metrics server's certificate
+# from this hard-coded folder (even with metrics off) and exits if it is missing
+KUEUE_METRICS_CERT_DIR = "/etc/kueue/metrics/certs"
+
 # The init container template for PyTorchJob workers that the `restricted` Pod Security Standard
 # admits (the operator's built-in one has no securityContext, so in a namespace enforcing
 # `restricted` it cannot create worker pods): the one the project ships for real clusters
@@ -106,6 +136,9 @@ def versions() -> dict[str, str]:
         "kubectl": kube,
         "etcd": module_version("etcd", "go.etcd.io/etcd/server/v3"),
         "training-operator": module_version("training-operator", "github.com/kubeflow/training-operator"),
+        "jobset": module_version("jobset", "sigs.k8s.io/jobset"),
+        "trainer": module_version("trainer", "github.com/kubeflow/trainer/v2"),
+        "kueue": module_version("kueue", "sigs.k8s.io/kueue"),
     }
 
 
@@ -115,8 +148,19 @@ def binaries(cache_dir: Path | None = None) -> dict[str, Path]:
     return {name: bin_dir / f"{name}-{v}" / name for name, v in versions().items()}
 
 
+def trainer_crds(version: str = TRAINER_PREVIOUS, cache_dir: Path | None = None) -> Path:
+    """The folder with the trainer.kubeflow.org CRDs of a Trainer release that build.sh copies:
+    the built one's manifests/crds (all three), or the previous release's (trainjobs only)."""
+    bin_dir = Path(cache_dir or default_cache_dir()) / "bin"
+    if version == versions()["trainer"]:
+        return bin_dir / f"trainer-{version}" / "manifests" / "crds"
+    return bin_dir / f"trainer-crds-{version}"
+
+
 def missing_binaries(cache_dir: Path | None = None) -> list[str]:
-    return [name for name, path in binaries(cache_dir).items() if not os.access(path, os.X_OK)]
+    missing = [name for name, path in binaries(cache_dir).items() if not os.access(path, os.X_OK)]
+    prev = trainer_crds(TRAINER_PREVIOUS, cache_dir) / "trainer.kubeflow.org_trainjobs.yaml"
+    return missing + ([f"trainer-crds-{TRAINER_PREVIOUS}"] if not prev.exists() else [])
 
 
 def ensure_built(cache_dir: Path | None = None) -> None:
@@ -329,12 +373,12 @@ def stop_processes(procs: Sequence[ManagedProcess], grace: float = 10.0,
 # the control plane
 
 class ControlPlane:
-    """etcd + kube-apiserver + kube-controller-manager (+ optionally the Training Operator).
+    """etcd + kube-apiserver + kube-controller-manager (+ optionally the Training Operator, and
+    JobSet + Trainer v2; both trainers can run side by side: different API groups; and Kueue).
 
     start() brings everything up and waits until it is usable: /readyz ok, the `default`
-    ServiceAccount exists (so pods can be created), and with the Training Operator its webhook
-    answers. stop() stops every process by pid. Use it as a context manager, or from a pytest
-    fixture:
+    ServiceAccount exists (so pods can be created), and each controller's webhooks answer.
+    stop() stops every process by pid. Use it as a context manager, or from a pytest fixture:
 
         @pytest.fixture(scope="session")
         def cluster(tmp_path_factory):
@@ -343,6 +387,8 @@ class ControlPlane:
     """
 
     def __init__(self, directory: str | os.PathLike, *, training_operator: bool | "TrainingOperator" = False,
+                 trainer_v2: bool | "TrainerV2" = False, jobset: bool | "JobSet" | None = None,
+                 kueue: bool | "Kueue" = False,
                  cache_dir: str | os.PathLike | None = None, die_with_parent: bool = True,
                  timeout: float = 180.0, etcd_fsync: bool = False, verbose: bool = False,
                  apiserver_args: Sequence[str] = (), controller_manager_args: Sequence[str] = (),
@@ -351,7 +397,9 @@ class ControlPlane:
         """manifests: files applied (kubectl apply --server-side) before kube-controller-manager
         starts, e.g. CRDs: its garbage collector only watches the resources that exist when it
         starts and finds later ones by periodic re-discovery (measured: 41 s until the dependents
-        of a deleted custom resource of a CRD created after start were collected)."""
+        of a deleted custom resource of a CRD created after start were collected).
+        trainer_v2: Kubeflow Trainer v2 (TrainJob); it needs JobSet, so jobset defaults to it.
+        kueue: Kueue, started after the other controllers (its job webhooks fail closed)."""
         self.dir = Path(directory).resolve()
         self.manifests = [Path(m) for m in manifests]
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -365,6 +413,17 @@ class ControlPlane:
         if training_operator is True:
             training_operator = TrainingOperator()
         self.training_operator: TrainingOperator | None = training_operator or None
+        if trainer_v2 is True:
+            trainer_v2 = TrainerV2()
+        self.trainer_v2: TrainerV2 | None = trainer_v2 or None
+        if jobset is None:
+            jobset = bool(self.trainer_v2)
+        if jobset is True:
+            jobset = JobSet()
+        self.jobset: JobSet | None = jobset or None
+        if self.trainer_v2 and not self.jobset:
+            raise ValueError("Trainer v2 renders TrainJobs into JobSets: it needs jobset")
+        self.kueue: Kueue | None = (Kueue() if kueue is True else kueue) or None
         self.processes: list[ManagedProcess] = []
         self.ports: dict[str, int] = {}
         self.pki = PKI(self.dir / "pki")
@@ -408,6 +467,9 @@ class ControlPlane:
     def start(self) -> "ControlPlane":
         needed = ["etcd", "kube-apiserver", "kube-controller-manager", "kubectl"]
         needed += ["training-operator"] if self.training_operator else []
+        needed += ["jobset"] if self.jobset else []
+        needed += ["trainer"] if self.trainer_v2 else []
+        needed += ["kueue"] if self.kueue else []
         missing = [n for n in needed if not os.access(self.bin[n], os.X_OK)]
         if missing:
             raise ClusterError(f"not built: {', '.join(missing)}; run cluster/build.sh")
@@ -426,15 +488,18 @@ class ControlPlane:
                 # resources it found at start-up; a CRD created later is picked up by its periodic
                 # re-discovery, so deleting a PyTorchJob would leave its pods for a while
                 self.training_operator.install(self)
+            for component in self._components():  # their CRDs too, for the same reason
+                if component:
+                    component.install(self)
             if self.manifests:
-                args = ["apply", "--server-side", "--force-conflicts", f"--field-manager={FIELD_MANAGER}"]
-                for m in self.manifests:
-                    args += ["-f", str(m)]
-                self.kubectl(*args)
+                apply_server_side(self, self.manifests)
             self._start_controller_manager()
             self._wait(self._default_serviceaccount, "the default ServiceAccount (kube-controller-manager)")
             if self.training_operator:
                 self.training_operator.start(self)
+            for component in self._components():
+                if component:
+                    component.start(self)
         except BaseException:
             self._say("start failed; stopping what was started")
             with contextlib.suppress(Exception):
@@ -470,6 +535,10 @@ class ControlPlane:
         return cp
 
     # -- internals -------------------------------------------------------------------------
+
+    def _components(self) -> tuple:
+        """The controllers after the Training Operator, in start order (None: not run)."""
+        return self.jobset, self.trainer_v2, self.kueue
 
     def _say(self, msg: str) -> None:
         if self.verbose:
@@ -766,39 +835,11 @@ class TrainingOperator:
                             "operations": ["CREATE", "UPDATE"], "resources": [TO_SCHEMES[s][1]]}],
              } for s in self.schemes]},
         ]
-        objects_file = cp.dir / "training-operator" / "objects.json"
-        objects_file.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=1))
+        objects_file = write_list(cp.dir / "training-operator" / "objects.json", objects)
         files = [m / "crds" / f"kubeflow.org_{TO_SCHEMES[s][1]}.yaml" for s in self.schemes]
         files += [m / "rbac" / "role.yaml", objects_file]
-        args = ["apply", "--server-side", "--force-conflicts", f"--field-manager={FIELD_MANAGER}"]
-        for f in files:
-            args += ["-f", str(f)]
-        cp.kubectl(*args)
-        # Not `kubectl wait --for=condition=Established`: right after the create it fails on a CRD
-        # that has no status.conditions yet instead of waiting. And a CRD whose apiserver stopped
-        # while it was still "Installing" stays Established=False after a restart (the apiserver
-        # only queues it for establishing on an update event), so after a few seconds a stuck one
-        # gets a harmless annotation update to kick it.
-        t0 = time.monotonic()
-        kicked: dict[str, float] = {}
-
-        def established() -> bool:
-            done = True
-            for s in self.schemes:
-                path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{TO_SCHEMES[s][1]}.kubeflow.org"
-                status, crd = cp.request("GET", path)
-                conds = {c["type"]: c["status"] for c in (crd.get("status", {}).get("conditions") or [])} \
-                    if status == 200 else {}
-                if conds.get("Established") == "True":
-                    continue
-                done = False
-                now = time.monotonic()
-                if conds.get("NamesAccepted") == "True" and now - t0 > 3 and now - kicked.get(s, 0) > 2:
-                    kicked[s] = now
-                    cp.kubectl("annotate", "--overwrite", f"crd/{TO_SCHEMES[s][1]}.kubeflow.org",
-                               f"codistill.io/establish-kick={int(time.time())}")
-            return done
-        cp._wait(established, "CRDs established")
+        apply_server_side(cp, files)
+        wait_established(cp, [f"{TO_SCHEMES[s][1]}.kubeflow.org" for s in self.schemes])
 
     def _webhook_answers(self, cp: ControlPlane) -> bool:
         """A server-side dry-run create passes through the webhook (failurePolicy Fail)."""
@@ -823,6 +864,429 @@ class TrainingOperator:
 
 
 # ---------------------------------------------------------------------------------------------
+# helpers shared by the controllers
+
+def apply_server_side(cp: ControlPlane, files: Sequence[Path]) -> None:
+    args = ["apply", "--server-side", "--force-conflicts", f"--field-manager={FIELD_MANAGER}"]
+    for f in files:
+        args += ["-f", str(f)]
+    cp.kubectl(*args)
+
+
+def wait_established(cp: ControlPlane, crds: Sequence[str]) -> None:
+    """Wait until each CRD (by name) is Established.
+
+    Not `kubectl wait --for=condition=Established`: right after the create it fails on a CRD
+    that has no status.conditions yet instead of waiting. And a CRD whose apiserver stopped
+    while it was still "Installing" stays Established=False after a restart (the apiserver
+    only queues it for establishing on an update event), so after a few seconds a stuck one
+    gets a harmless annotation update to kick it."""
+    t0 = time.monotonic()
+    kicked: dict[str, float] = {}
+
+    def established() -> bool:
+        done = True
+        for name in crds:
+            status, crd = cp.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+            conds = {c["type"]: c["status"] for c in (crd.get("status", {}).get("conditions") or [])} \
+                if status == 200 else {}
+            if conds.get("Established") == "True":
+                continue
+            done = False
+            now = time.monotonic()
+            if conds.get("NamesAccepted") == "True" and now - t0 > 3 and now - kicked.get(name, 0) > 2:
+                kicked[name] = now
+                cp.kubectl("annotate", "--overwrite", f"crd/{name}", f"codistill.io/establish-kick={int(time.time())}")
+        return done
+    cp._wait(established, "CRDs established")
+
+
+def http_ok(port: int, path: str) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+def webhook_certs(cp: ControlPlane, name: str, service_dns: str, cert_dir: Path) -> Path:
+    """A CA and a serving certificate for 127.0.0.1 (and the in-cluster Service name), written as
+    tls.crt/tls.key into cert_dir where controller-runtime's webhook server reads them.
+    Returns the CA (the webhook configurations' caBundle)."""
+    ca, _ = cp.pki.ca(f"{name}-webhook-ca", f"{name}-webhook-ca")
+    crt, key = cp.pki.cert(f"{name}-webhook", f"{name}-webhook-ca", service_dns,
+                           dns=[service_dns, "localhost"], ips=["127.0.0.1"], server=True, days=825)
+    cert_dir.mkdir(parents=True, exist_ok=True)
+    (cert_dir / "tls.crt").write_bytes(crt.read_bytes())
+    (cert_dir / "tls.key").write_bytes(key.read_bytes())
+    os.chmod(cert_dir / "tls.key", 0o600)
+    return ca
+
+
+def webhook(name: str, url: str, ca: Path, group: str, version: str, resource: str, operations: Sequence[str],
+            object_selector: dict | None = None) -> dict:
+    """One entry of a {Validating,Mutating}WebhookConfiguration, called by URL (no Service)."""
+    w = {"name": name, "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Fail",
+         "timeoutSeconds": 10,
+         "clientConfig": {"url": url, "caBundle": base64.b64encode(ca.read_bytes()).decode()},
+         "rules": [{"apiGroups": [group], "apiVersions": [version], "operations": list(operations),
+                    "resources": [resource]}]}
+    if object_selector:
+        w["objectSelector"] = object_selector
+    return w
+
+
+def cluster_role_binding(role: str, user: str, namespace: str | None = None) -> dict:
+    """Binds the ClusterRole `role` to user; with namespace, the Role `role` of that namespace
+    (a RoleBinding)."""
+    kind = "Role" if namespace else "ClusterRole"
+    meta = {"name": role, **({"namespace": namespace} if namespace else {})}
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": f"{kind}Binding", "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}
+
+
+def manifest_objects(cp: ControlPlane, path: Path) -> list[dict]:
+    """The objects of a release's YAML file as JSON (standard library only: kubectl decodes it;
+    --dry-run=client creates nothing)."""
+    text = cp.kubectl("create", "--dry-run=client", "--validate=false", "-o", "json", "-f", str(path)).stdout
+    decoder, objects, i = json.JSONDecoder(), [], 0
+    while text[i:].strip():  # one JSON document per file of a folder, a List for several in one file
+        out, end = decoder.raw_decode(text, i + len(text[i:]) - len(text[i:].lstrip()))
+        objects += out["items"] if out.get("kind") == "List" else [out]
+        i = end
+    return objects
+
+
+def write_list(path: Path, objects: Sequence[dict]) -> Path:
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)}, indent=1))
+    return path
+
+
+def controller_env(kubeconfig: Path, tmpdir: Path) -> dict[str, str]:
+    """os.environ for a controller-runtime manager: its kubeconfig, and TMPDIR where its webhook
+    server looks for serving-certs (it defaults to $TMPDIR/k8s-webhook-server/serving-certs)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "POD_NAMESPACE")}
+    env.update(KUBECONFIG=str(kubeconfig), TMPDIR=str(tmpdir))
+    return env
+
+
+def dry_run_create(cp: ControlPlane, path: str, obj: dict) -> bool:
+    """A server-side dry-run create passes through the admission webhooks (failurePolicy Fail)."""
+    status, body = cp.request("POST", f"{path}?dryRun=All", obj)
+    if status != 201:
+        raise ClusterError(f"dry-run create: {status} {body.get('message') if isinstance(body, dict) else body}")
+    return True
+
+
+class JobSet:
+    """The JobSet controller (jobset.x-k8s.io) as a local process of a ControlPlane.
+
+    Installs the release's CRD and ClusterRole (bound to its own client-certificate user) and the
+    webhook configurations of config/components/webhook (the JobSet defaulter and validator, and
+    the pod ones for pods labelled jobset.sigs.k8s.io/jobset-name) with clientConfig.url
+    https://127.0.0.1:<port>/... . The internal cert rotator is off (internalCertManagement
+    enable: false, a documented option): the serving certificate is ours, in webhook.certDir."""
+
+    def __init__(self, *, args: Sequence[str] = ()):
+        self.args = list(args)
+
+    def manifests(self, cp: ControlPlane) -> Path:
+        return cp.bin["jobset"].parent / "manifests"
+
+    def install(self, cp: ControlPlane) -> None:
+        d = cp.dir / "jobset"
+        d.mkdir(parents=True, exist_ok=True)
+        self.cert_dir = d / "serving-certs"
+        ca = webhook_certs(cp, "jobset", JOBSET_SERVICE_DNS, self.cert_dir)
+        crt, key = cp.pki.cert("jobset", "ca", JOBSET_USER, client=True)
+        self.kubeconfig = write_kubeconfig(d / "kubeconfig", cp.server, cp.pki.path("ca", "crt"), crt, key,
+                                           JOBSET_USER)
+        taken = set(cp.ports.values())
+        cp.ports.update({"jobset-webhook": free_port(taken), "jobset-probe": free_port(taken)})
+        base = f"https://127.0.0.1:{cp.ports['jobset-webhook']}"
+        pods = {"matchExpressions": [{"key": "jobset.sigs.k8s.io/jobset-name", "operator": "Exists"}]}
+        js = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
+        objects = [
+            cluster_role_binding(JOBSET_CLUSTER_ROLE, JOBSET_USER),
+            # config/components/webhook/manifests.yaml with its patches (objectSelector on pods)
+            {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+             "metadata": {"name": "jobset-mutating-webhook-configuration"},
+             "webhooks": [webhook("mjobset.kb.io", f"{base}/mutate-jobset-x-k8s-io-v1alpha2-jobset", ca, *js,
+                                  ["CREATE"]),
+                          webhook("mpod.kb.io", f"{base}/mutate--v1-pod", ca, "", "v1", "pods", ["CREATE"], pods)]},
+            {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+             "metadata": {"name": "jobset-validating-webhook-configuration"},
+             "webhooks": [webhook("vjobset.kb.io", f"{base}/validate-jobset-x-k8s-io-v1alpha2-jobset", ca, *js,
+                                  ["CREATE", "UPDATE"]),
+                          webhook("vpod.kb.io", f"{base}/validate--v1-pod", ca, "", "v1", "pods", ["CREATE"], pods)]},
+        ]
+        objects_file = write_list(d / "objects.json", objects)
+        # the ClusterRole is `manager-role` in the release file; kustomize's namePrefix renames it
+        m = self.manifests(cp)
+        role = d / "role.yaml"
+        role.write_text(re.sub(r"^  name: manager-role$", f"  name: {JOBSET_CLUSTER_ROLE}",
+                               (m / "rbac" / "role.yaml").read_text(), flags=re.M))
+        apply_server_side(cp, [m / "crds" / "jobset.x-k8s.io_jobsets.yaml", role, objects_file])
+        wait_established(cp, ["jobsets.jobset.x-k8s.io"])
+
+    def config(self, cp: ControlPlane) -> str:
+        # metrics off ("0"): its secure metrics server would want a certificate of its own and
+        # TokenReview rights; nothing here scrapes it
+        return json.dumps({
+            "apiVersion": "config.jobset.x-k8s.io/v1alpha1", "kind": "Configuration",
+            "webhook": {"port": cp.ports["jobset-webhook"], "host": "127.0.0.1", "certDir": str(self.cert_dir)},
+            "metrics": {"bindAddress": "0"},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{cp.ports['jobset-probe']}"},
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+        }, indent=1)
+
+    def start(self, cp: ControlPlane) -> None:
+        d = cp.dir / "jobset"
+        cfg = d / "config.yaml"
+        cfg.write_text(self.config(cp))  # JSON is YAML
+        # --zap-devel=false: JSON log lines like Trainer's (JobSet's default is the console format)
+        argv = [str(cp.bin["jobset"]), f"--config={cfg}", "--zap-devel=false", *self.args]
+        cp.spawn("jobset", argv, env=controller_env(self.kubeconfig, self.cert_dir.parent))
+        cp._wait(lambda: http_ok(cp.ports["jobset-probe"], "/readyz"), "jobset /readyz")
+        probe = {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+                 "metadata": {"name": "webhook-probe", "namespace": "default"},
+                 "spec": {"replicatedJobs": [{"name": "probe", "replicas": 1, "template": {"spec": {"template": {
+                     "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "probe"}]}}}}}]}}
+        cp._wait(lambda: dry_run_create(cp, "/apis/jobset.x-k8s.io/v1alpha2/namespaces/default/jobsets", probe),
+                 "jobset webhook (dry-run create)")
+
+
+class TrainerV2:
+    """The Kubeflow Trainer v2 controller manager (trainer.kubeflow.org: TrainJob, TrainingRuntime,
+    ClusterTrainingRuntime) as a local process of a ControlPlane. Needs JobSet (its CRD for the
+    TrainJob controller's watch, its controller to run the JobSets).
+
+    Installs the release's three CRDs (manifests/base/crds) and ClusterRole (bound to its own
+    client-certificate user), and the webhook configurations of manifests/base/webhook (defaulter
+    and validator of TrainJobs, validators of both runtimes) with clientConfig.url. The cert
+    rotator is off (certManagement enable: false); the webhook server reads the serving
+    certificate from $TMPDIR/k8s-webhook-server/serving-certs (Trainer's config has no certDir).
+    runtimes: also install the release's default ClusterTrainingRuntimes (manifests/runtimes/,
+    e.g. "torch_distributed" for torch-distributed; their images are real ones the process kubelet
+    does not map)."""
+
+    def __init__(self, *, threads: int = 1, feature_gates: dict[str, bool] | None = None,
+                 runtimes: Sequence[str] = (), args: Sequence[str] = ()):
+        self.threads = threads
+        self.feature_gates = dict(feature_gates or {})
+        self.runtimes = list(runtimes)
+        self.args = list(args)
+
+    def manifests(self, cp: ControlPlane) -> Path:
+        return cp.bin["trainer"].parent / "manifests"
+
+    def install(self, cp: ControlPlane) -> None:
+        d = cp.dir / "trainer"
+        d.mkdir(parents=True, exist_ok=True)
+        self.tmpdir = d / "tmp"
+        ca = webhook_certs(cp, "trainer", TRAINER_SERVICE_DNS, self.tmpdir / "k8s-webhook-server" / "serving-certs")
+        crt, key = cp.pki.cert("trainer", "ca", TRAINER_USER, client=True)
+        self.kubeconfig = write_kubeconfig(d / "kubeconfig", cp.server, cp.pki.path("ca", "crt"), crt, key,
+                                           TRAINER_USER)
+        taken = set(cp.ports.values())
+        cp.ports.update({"trainer-webhook": free_port(taken), "trainer-probe": free_port(taken)})
+        base = f"https://127.0.0.1:{cp.ports['trainer-webhook']}/"
+        g = ("trainer.kubeflow.org", "v1alpha1")
+        # the validators skip objects labelled trainer.kubeflow.org/webhook-validation=disabled
+        # (patch_validating.yaml: the two runtime validators only)
+        skip = {"matchExpressions": [{"key": "trainer.kubeflow.org/webhook-validation", "operator": "NotIn",
+                                      "values": ["disabled"]}]}
+        objects = [
+            cluster_role_binding(TRAINER_CLUSTER_ROLE, TRAINER_USER),
+            {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+             "metadata": {"name": "defaulter.trainer.kubeflow.org"},
+             "webhooks": [webhook("defaulter.trainjob.trainer.kubeflow.org",
+                                  base + "mutate-trainer-kubeflow-org-v1alpha1-trainjob", ca, *g, "trainjobs",
+                                  ["CREATE", "UPDATE"])]},
+            {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+             "metadata": {"name": "validator.trainer.kubeflow.org"},
+             "webhooks": [webhook(f"validator.{r[:-1]}.trainer.kubeflow.org",
+                                  base + f"validate-trainer-kubeflow-org-v1alpha1-{r[:-1]}", ca, *g, r,
+                                  ["CREATE", "UPDATE"], skip if r != "trainjobs" else None)
+                          for r in ("clustertrainingruntimes", "trainingruntimes", "trainjobs")]},
+        ]
+        objects_file = write_list(d / "objects.json", objects)
+        m = self.manifests(cp)
+        crds = ["trainjobs", "trainingruntimes", "clustertrainingruntimes"]
+        apply_server_side(cp, [*(m / "crds" / f"trainer.kubeflow.org_{c}.yaml" for c in crds),
+                               m / "rbac" / "role.yaml", objects_file])
+        wait_established(cp, [f"{c}.trainer.kubeflow.org" for c in crds])
+
+    def config(self, cp: ControlPlane) -> str:
+        """A minimal Configuration (the release's is manifests/manager/controller_manager_config.yaml):
+        loopback ports, no leader election, no metrics (see JobSet.config), no cert rotator."""
+        cfg = {"apiVersion": "config.trainer.kubeflow.org/v1alpha1", "kind": "Configuration",
+               "webhook": {"port": cp.ports["trainer-webhook"], "host": "127.0.0.1"},
+               "metrics": {"bindAddress": "0"},
+               "health": {"healthProbeBindAddress": f"127.0.0.1:{cp.ports['trainer-probe']}"},
+               "leaderElection": {"leaderElect": False},
+               "controller": {"groupKindConcurrency": {f"{k}.trainer.kubeflow.org": self.threads for k in
+                                                       ("TrainJob", "TrainingRuntime", "ClusterTrainingRuntime")}},
+               "certManagement": {"enable": False}}
+        if self.feature_gates:
+            cfg["featureGates"] = self.feature_gates
+        return json.dumps(cfg, indent=1)
+
+    def start(self, cp: ControlPlane) -> None:
+        d = cp.dir / "trainer"
+        cfg = d / "config.yaml"
+        cfg.write_text(self.config(cp))
+        argv = [str(cp.bin["trainer"]), f"--config={cfg}", *self.args]
+        cp.spawn("trainer", argv, env=controller_env(self.kubeconfig, self.tmpdir))
+        cp._wait(lambda: http_ok(cp.ports["trainer-probe"], "/readyz"), "trainer /readyz")
+        probe = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
+                 "metadata": {"name": "webhook-probe"},
+                 "spec": {"template": {"spec": {"replicatedJobs": [{
+                     "name": "node", "template": {"metadata": {"labels": {
+                         "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                         "spec": {"template": {"spec": {"containers": [{"name": "node", "image": "probe"}]}}}}}]}}}}
+        cp._wait(lambda: dry_run_create(cp, "/apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes", probe),
+                 "trainer webhook (dry-run create)")
+        if self.runtimes:
+            apply_server_side(cp, [self.manifests(cp) / "runtimes" / f"{r}.yaml" for r in self.runtimes])
+
+
+class Kueue:
+    """Kueue (kueue.x-k8s.io) as a local process of a ControlPlane, managing the job kinds in
+    `frameworks` (its Configuration's integrations.frameworks).
+
+    install() (before kube-controller-manager) applies the release's CRDs, five of them with the
+    conversion webhook of config/components/crd by clientConfig.url, and its ClusterRole
+    `kueue-manager-role` and Role `kueue-manager-secrets-role` (namespace kueue-system: MultiKueue's
+    controllers watch Secrets there), bound to its own client-certificate user. start() applies the
+    release's webhook configurations, only the entries for Kueue's own kinds and the enabled
+    frameworks, by clientConfig.url: there, not in install(), because its job webhooks fail closed
+    and the Training Operator's start-up probe creates a PyTorchJob. Internal cert management is
+    off (a documented option): the serving certificate is ours, in webhook.certDir."""
+
+    def __init__(self, *, frameworks: Sequence[str] = KUEUE_FRAMEWORKS, feature_gates: dict[str, bool] | None = None,
+                 manage_jobs_without_queue_name: bool = False, args: Sequence[str] = ()):
+        self.frameworks = list(frameworks)
+        # VisibilityOnDemand (beta, on by default) starts an aggregated API server that wants a
+        # certificate in /visibility and an APIService; nothing here reads pending workloads so
+        self.feature_gates = {"VisibilityOnDemand": False, **(feature_gates or {})}
+        self.manage_jobs_without_queue_name = manage_jobs_without_queue_name
+        self.args = list(args)
+
+    def manifests(self, cp: ControlPlane) -> Path:
+        return cp.bin["kueue"].parent / "manifests"
+
+    def install(self, cp: ControlPlane) -> None:
+        d = cp.dir / "kueue"
+        d.mkdir(parents=True, exist_ok=True)
+        self.cert_dir = d / "serving-certs"
+        self.ca = webhook_certs(cp, "kueue", KUEUE_SERVICE_DNS, self.cert_dir)
+        # the same pair as the metrics certificate main.go insists on (its server is off); see start()
+        self.etc = d / "etc"
+        webhook_certs(cp, "kueue", KUEUE_SERVICE_DNS, self.etc / Path(KUEUE_METRICS_CERT_DIR).relative_to("/etc"))
+        crt, key = cp.pki.cert("kueue", "ca", KUEUE_USER, client=True)
+        self.kubeconfig = write_kubeconfig(d / "kubeconfig", cp.server, cp.pki.path("ca", "crt"), crt, key, KUEUE_USER)
+        taken = set(cp.ports.values())
+        cp.ports.update({"kueue-webhook": free_port(taken), "kueue-probe": free_port(taken)})
+        self.base = f"https://127.0.0.1:{cp.ports['kueue-webhook']}"
+        m = self.manifests(cp)
+        crds = [self._with_conversion(c) for c in manifest_objects(cp, m / "crds")]
+        roles = [self._kustomized(r) for f in ("role.yaml", "manager_secrets_role.yaml")
+                 for r in manifest_objects(cp, m / "rbac" / f)]
+        objects = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": KUEUE_NAMESPACE}}, *roles,
+                   cluster_role_binding(f"{KUEUE_PREFIX}manager-role", KUEUE_USER),
+                   cluster_role_binding(f"{KUEUE_PREFIX}manager-secrets-role", KUEUE_USER, KUEUE_NAMESPACE)]
+        apply_server_side(cp, [write_list(d / "crds.json", crds), write_list(d / "objects.json", objects)])
+        wait_established(cp, [c["metadata"]["name"] for c in crds])
+
+    def _client_config(self, path: str) -> dict:
+        return {"url": self.base + path, "caBundle": base64.b64encode(self.ca.read_bytes()).decode()}
+
+    def _with_conversion(self, crd: dict) -> dict:
+        if crd["spec"]["names"]["plural"] in KUEUE_CONVERTED_CRDS:
+            crd["spec"]["conversion"] = {"strategy": "Webhook", "webhook": {
+                "clientConfig": self._client_config("/convert"), "conversionReviewVersions": ["v1"]}}
+        return crd
+
+    @staticmethod
+    def _kustomized(obj: dict) -> dict:
+        """What config/default's namePrefix and namespace do to a release object."""
+        meta = obj["metadata"]
+        meta["name"] = KUEUE_PREFIX + meta["name"]
+        if "namespace" in meta:
+            meta["namespace"] = KUEUE_NAMESPACE
+        return obj
+
+    def webhook_configurations(self, cp: ControlPlane) -> list[dict]:
+        """The release's two configurations (config/components/webhook) with the entries for
+        Kueue's own kinds and for the enabled frameworks only (the others would be Kueue's no-op
+        webhooks), each called by URL; the job entries get the namespaceSelector of the
+        kustomization (not in kube-system, kueue-system)."""
+        # a framework "group/kind" (or "pod", "deployment", ...) is the resource "<kind>s"
+        enabled = {f.rsplit("/", 1)[-1] + "s" for f in self.frameworks}
+        not_system = {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                                            "values": ["kube-system", KUEUE_NAMESPACE]}]}
+        configurations = manifest_objects(cp, self.manifests(cp) / "webhook" / "manifests.yaml")
+        for c in configurations:
+            self._kustomized(c)
+            kept = []
+            for w in c["webhooks"]:
+                rule = w["rules"][0]
+                if "kueue.x-k8s.io" not in rule["apiGroups"]:
+                    if not enabled & {r.split("/")[0] for r in rule["resources"]}:
+                        continue
+                    w["namespaceSelector"] = not_system
+                w["clientConfig"] = self._client_config(w["clientConfig"]["service"]["path"])
+                kept.append(w)
+            c["webhooks"] = kept
+        return configurations
+
+    def config(self, cp: ControlPlane) -> str:
+        """A minimal Configuration (config.kueue.x-k8s.io/v1beta2; the release's is
+        config/components/manager/controller_manager_config.yaml): loopback ports, no leader
+        election, no metrics (see JobSet.config), no internal cert management."""
+        return json.dumps({
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
+            "namespace": KUEUE_NAMESPACE,
+            "manageJobsWithoutQueueName": self.manage_jobs_without_queue_name,
+            "webhook": {"port": cp.ports["kueue-webhook"], "host": "127.0.0.1", "certDir": str(self.cert_dir)},
+            "metrics": {"bindAddress": "0"},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{cp.ports['kueue-probe']}"},
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "integrations": {"frameworks": self.frameworks},
+            "featureGates": self.feature_gates,
+        }, indent=1)
+
+    def argv(self, cp: ControlPlane, config: Path) -> list[str]:
+        """Kueue in a private mount namespace whose /etc is the host's with DIR/kueue/etc laid over
+        it (a read-only overlay): the metrics certificate folder is hard-coded under /etc, and
+        the host's /etc stays untouched. Not root: in a user namespace of its own as well.
+        unshare and sh exec, so the recorded pid is Kueue's."""
+        userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+        script = 'mount -t overlay codistill-kueue-etc -o "lowerdir=$0:/etc" /etc && exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", *userns, "sh", "-c", script, str(self.etc),
+                str(cp.bin["kueue"]), f"--config={config}", *self.args]
+
+    def start(self, cp: ControlPlane) -> None:
+        d = cp.dir / "kueue"
+        cfg = d / "config.yaml"
+        cfg.write_text(self.config(cp))
+        apply_server_side(cp, [write_list(d / "webhooks.json", self.webhook_configurations(cp))])
+        cp.spawn("kueue", self.argv(cp, cfg), env=controller_env(self.kubeconfig, d))
+        cp._wait(lambda: http_ok(cp.ports["kueue-probe"], "/readyz"), "kueue /readyz")
+        probe = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+                 "metadata": {"name": "webhook-probe", "namespace": "default"},
+                 "spec": {"queueName": "probe", "podSets": [{"name": "main", "count": 1, "template": {"spec": {
+                     "restartPolicy": "Never", "containers": [{"name": "c", "image": "probe"}]}}}]}}
+        cp._wait(lambda: dry_run_create(cp, "/apis/kueue.x-k8s.io/v1beta2/namespaces/default/workloads", probe),
+                 "kueue webhook (dry-run create)")
+
+
+# ---------------------------------------------------------------------------------------------
 # command line
 
 def main(argv: list[str] | None = None) -> int:
@@ -831,6 +1295,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start a control plane with its state in DIR")
     up.add_argument("--dir", required=True, type=Path)
     up.add_argument("--no-training-operator", action="store_true", help="only etcd, apiserver, controller-manager")
+    up.add_argument("--trainer-v2", action="store_true", help="also JobSet and Kubeflow Trainer v2 (TrainJob)")
+    up.add_argument("--kueue", action="store_true", help="also Kueue (TrainJob and PyTorchJob integrations)")
     up.add_argument("--scheme", action="append", help="Training Operator --enable-scheme (default pytorchjob)")
     up.add_argument("--restricted-init-container", action="store_true",
                     help="give PyTorchJob workers an init container the restricted Pod Security Standard admits")
@@ -853,7 +1319,8 @@ def main(argv: list[str] | None = None) -> int:
             to = TrainingOperator(a.scheme or ("pytorchjob",),
                                   pytorch_init_container_template=RESTRICTED_PYTORCH_INIT_CONTAINER
                                   if a.restricted_init_container else None)
-        cp = ControlPlane(a.dir, training_operator=to, die_with_parent=False, timeout=a.timeout, verbose=True)
+        cp = ControlPlane(a.dir, training_operator=to, trainer_v2=a.trainer_v2, kueue=a.kueue,
+                          die_with_parent=False, timeout=a.timeout, verbose=True)
         try:
             cp.start()
         except ClusterError as e:

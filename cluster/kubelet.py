@@ -1445,7 +1445,9 @@ class ProcessKubelet:
         would answer; short names only for the pod's own namespace."""
         me = ip or run.ip
         sub = run.pod["spec"].get("subdomain")
-        own = f"{run.hostname}.{sub}.{run.ns}.svc.cluster.local {run.hostname}" if sub else run.hostname
+        # the pod's own subdomain names too: a JobSet pod finds rank 0 as <hostname>.<subdomain>,
+        # which may be itself (Trainer's PET_MASTER_ADDR)
+        own = f"{' '.join(self._subdomain_names(run, run.ns))} {run.hostname}" if sub else run.hostname
         lines = ["# Kubernetes-managed hosts file (codistill process kubelet).",
                  "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{me}\t{own}"]
         live = [r for r in self.runs.values() if r.ip and r.phase not in ("Succeeded", "Failed")
@@ -1464,12 +1466,21 @@ class ProcessKubelet:
             else:
                 ips = []
             entries += [(i, " ".join(names)) for i in ips]
-        for r in live:  # <hostname>.<subdomain>.<ns>.svc.cluster.local of the other pods
-            rsub = r.pod["spec"].get("subdomain")
-            if rsub and r is not run:
-                entries.append((r.ip, f"{r.hostname}.{rsub}.{r.ns}.svc.cluster.local"))
+        for r in live:  # the other pods with a subdomain, by the names their headless Service gives
+            if r.pod["spec"].get("subdomain") and r is not run:
+                entries.append((r.ip, " ".join(self._subdomain_names(r, run.ns))))
         lines += [f"{i}\t{n}" for i, n in sorted(entries)]
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _subdomain_names(r: PodRun, reader_ns: str) -> list[str]:
+        """What cluster DNS answers for a pod with hostname and subdomain (the records of the
+        headless Service named like the subdomain; that the Service exists is not checked):
+        <hostname>.<subdomain>.<ns>[.svc[.cluster.local]], and <hostname>.<subdomain> through
+        the search path of a pod in the same namespace."""
+        name = f"{r.hostname}.{r.pod['spec']['subdomain']}"
+        fq = [f"{name}.{r.ns}.svc.cluster.local", f"{name}.{r.ns}.svc", f"{name}.{r.ns}"]
+        return fq + ([name] if r.ns == reader_ns else [])
 
     def _update_hosts(self) -> None:
         for run in list(self.runs.values()):

@@ -260,6 +260,13 @@ def main() -> int:
         kubelet.stop()
         cp.stop()
         print(f"stopped in {time.monotonic() - t2:.1f}s; total {time.monotonic() - t0:.1f}s")
+    assert_nothing_left(procs, ports, netns_before, directory)
+    print("nothing left; OK")
+    return 0
+
+
+def assert_nothing_left(procs: list, ports: set[int], netns_before: str, directory: Path) -> None:
+    """After stop(): no process, listening socket, netns, link or mount of the run is left."""
     left = [p.name for p in procs if p.alive()]
     assert not left, f"still running: {left}"
     ss = sh("ss -ltnp")
@@ -267,18 +274,14 @@ def main() -> int:
             or "10.244.0.1" in line or "10.96.0.1" in line or f"pid={os.getpid()}," in line]
     print(f"ss -ltnp: {len(ss.splitlines()) - 1} listening sockets, none of this run's: {ours}")
     assert not ports & listening_ports() and not ours, ss
-    print("ip netns list:", repr(sh("ip netns list")))
     assert sh("ip netns list") == netns_before
     links = sh("ip -br link")
-    print("ip -br link:\n" + links)
     assert "cdst0" not in links and "cdv" not in links, links
-    # not through a shell: its own command line would match
-    pg = subprocess.run(["pgrep", "-af", f"{directory}|cdst-"], capture_output=True, text=True).stdout.strip()
-    print("pgrep -af:", repr(pg))
+    # not through a shell, and `DIR/`: a command line with `--dir DIR` (this one's) would match
+    pg = subprocess.run(["pgrep", "-af", f"{directory}/|cdst-"], capture_output=True,
+                        text=True).stdout.strip()
     assert not pg, pg
     assert not Path("/run/secrets/kubernetes.io").exists() and not Path("/etc/netns").exists()
-    print("nothing left; OK")
-    return 0
 
 
 if __name__ == "__main__":
