@@ -18,6 +18,11 @@ from codistill_operator import crd
 DATA = Path(__file__).resolve().parent.parent / "data"
 INVALID = sorted((DATA / "invalid").glob("*.yaml"))
 KUBEFLOW_CRD = DATA / "kubeflow.org_pytorchjobs.yaml"
+TRAINER_RELEASES = ("v2.2.0", "v2.3.0")  # Kubeflow Trainer v2 releases whose TrainJob CRD we meet
+
+
+def trainjob_crd(release: str) -> Path:
+    return DATA / f"trainer.kubeflow.org_trainjobs-{release}.yaml"
 
 
 def as_json_schema(node: Any) -> Any:
@@ -54,6 +59,13 @@ def kubeflow() -> jsonschema.Draft4Validator:
     """Kubeflow's PyTorchJob v1 schema (Training Operator 1.9)."""
     doc = yaml.safe_load(KUBEFLOW_CRD.read_text())
     return jsonschema.Draft4Validator(as_json_schema(version_schema(doc, names.KUBEFLOW_VERSION)))
+
+
+@cache
+def trainjob(release: str) -> jsonschema.Draft4Validator:
+    """Kubeflow Trainer's TrainJob v1alpha1 schema, of `release`."""
+    doc = yaml.safe_load(trainjob_crd(release).read_text())
+    return jsonschema.Draft4Validator(as_json_schema(version_schema(doc, names.TRAINER_VERSION)))
 
 
 def assert_meets_webhook(job: dict[str, Any]) -> None:

@@ -22,6 +22,20 @@ CONTAINER = "pytorch"  # the trainer container: the controller's default port an
 # MASTER_ADDR, RANK, WORLD_SIZE, PET_* into every container of the pod, sidecars too)
 MASTER_PORT = 23456  # the Training Operator's default port, named `pytorchjob-port`
 
+# Kubeflow Trainer v2's TrainJob (>= 2.2: runtimePatches), the other backend. Its torch runtime
+# runs each node's container `node` of the replicated job `node` and injects only PET_* (torchrun's
+# own variables), reserved: a TrainJob that sets one is refused.
+TRAINER_GROUP = "trainer.kubeflow.org"
+TRAINER_VERSION = "v1alpha1"
+TRAINJOB_PLURAL = "trainjobs"
+TRAINJOB_KIND = "TrainJob"
+TRAINJOB_CONTAINER = "node"
+TRAINJOB_REPLICATED_JOB = "node"
+RUNTIME_KIND = "ClusterTrainingRuntime"
+TORCHRUN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
+                "PET_MASTER_PORT")
+BACKENDS = ("auto", "trainjob", "pytorchjob")
+
 # Env contract into every trainer container, beside what the Training Operator injects.
 ENV_RUN_URL = "CODISTILL_RUN_URL"
 ENV_GROUP = "CODISTILL_GROUP"

@@ -31,15 +31,17 @@ SHM_VOLUME = {"name": "codistill-shm", "emptyDir": {"medium": "Memory"}}
 SHM_MOUNT = {"name": "codistill-shm", "mountPath": "/dev/shm"}
 
 
-def contract_env(run: Codistillation, group: int, run_url: str) -> list[dict[str, Any]]:
-    """The env contract (docs/architecture.md); credentials only as references to the Secret."""
+def contract_env(run: Codistillation, group: int, run_url: str,
+                 container: str = CONTAINER) -> list[dict[str, Any]]:
+    """The env contract (docs/architecture.md); credentials only as references to the Secret.
+    `container`: the trainer container's name, whose CPU limit sizes torch's threads."""
     env: list[dict[str, Any]] = [
         {"name": names.ENV_RUN_URL, "value": run_url},
         {"name": names.ENV_GROUP, "value": str(group)},
         {"name": names.ENV_GROUPS, "value": str(run.spec.groups)},
         # torch sizes its thread pool by the node's cores, not the pod's limit, unless told
         {"name": names.ENV_CPUS, "valueFrom": {"resourceFieldRef": {
-            "containerName": CONTAINER, "resource": "limits.cpu", "divisor": "1"}}},
+            "containerName": container, "resource": "limits.cpu", "divisor": "1"}}},
     ]
     if ":" in run.spec.task.name:  # from the Codistillation, not from the bucket's run.json
         env.append({"name": names.ENV_TASKS, "value": run.spec.task.name})
@@ -68,12 +70,20 @@ def labels(run: Codistillation, group: int | None = None) -> dict[str, str]:
     return found
 
 
-def _merge(base: Any, extra: Any) -> Any:
+def job_labels(run: Codistillation, group: int) -> dict[str, str]:
+    """A job's labels: its pods' and, with a queue, Kueue's (which then admits it)."""
+    found = labels(run, group)
+    if run.spec.run_policy.queue_name:
+        found[names.LABEL_QUEUE] = run.spec.run_policy.queue_name
+    return found
+
+
+def merge(base: Any, extra: Any) -> Any:
     """Deep-merge `extra` (the user's template) into `base`; lists are replaced, not merged."""
     if isinstance(base, dict) and isinstance(extra, dict):
         out = dict(base)
         for key, value in extra.items():
-            out[key] = _merge(base[key], value) if key in base else copy.deepcopy(value)
+            out[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
         return out
     return copy.deepcopy(extra)
 
@@ -83,14 +93,14 @@ def _container(run: Codistillation, group: int, run_url: str, user: dict[str, An
     ours = contract_env(run, group, run_url)
     taken = {e["name"] for e in ours}
     user_env = [e for e in user.get("env", []) if e.get("name") not in taken]
-    container = _merge(user, {
+    container = merge(user, {
         "name": CONTAINER,
         "image": run.spec.image,
         "command": WORKER_COMMAND,
         "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT}],
     })
     container["env"] = user_env + ours
-    container["securityContext"] = _merge(CONTAINER_SECURITY, user.get("securityContext") or {})
+    container["securityContext"] = merge(CONTAINER_SECURITY, user.get("securityContext") or {})
     if run.spec.nproc_per_worker > 1:  # NCCL between a pod's processes wants a real /dev/shm
         container["volumeMounts"] = [*user.get("volumeMounts", []), SHM_MOUNT]
     return container
@@ -107,11 +117,11 @@ def pod_template(run: Codistillation, group: int, run_url: str) -> dict[str, Any
     # variables, which a Service named like a setting (codistill-group) would turn into env.
     defaults = {"securityContext": POD_SECURITY, "automountServiceAccountToken": False,
                 "enableServiceLinks": False}
-    spec = _merge(defaults, user_spec)
+    spec = merge(defaults, user_spec)
     spec["containers"] = [_container(run, group, run_url, trainer), *sidecars]
     if run.spec.nproc_per_worker > 1:
         spec["volumes"] = [*spec.get("volumes", []), SHM_VOLUME]
-    meta = _merge({"labels": labels(run, group)}, user.pop("metadata", {}) or {})
+    meta = merge({"labels": labels(run, group)}, user.pop("metadata", {}) or {})
     return {"metadata": meta, "spec": spec}
 
 
@@ -127,16 +137,13 @@ def render_job(run: Codistillation, group: int, run_url: str) -> dict[str, Any]:
     replicas = {"Master": {"replicas": 1, **copy.deepcopy(replica)}}
     if run.spec.workers_per_group > 1:
         replicas["Worker"] = {"replicas": run.spec.workers_per_group - 1, **replica}
-    job_labels = labels(run, group)
-    if run.spec.run_policy.queue_name:
-        job_labels[names.LABEL_QUEUE] = run.spec.run_policy.queue_name
     return {
         "apiVersion": API_VERSION,
         "kind": names.PYTORCHJOB_KIND,
         "metadata": {
             "name": run.job_name(group),
             "namespace": run.metadata.namespace,
-            "labels": job_labels,
+            "labels": job_labels(run, group),
         },
         "spec": {
             "nprocPerNode": str(run.spec.nproc_per_worker),

@@ -33,6 +33,9 @@ from .names import API_GROUP, API_VERSION, KIND
 # hand), it is what `make images REGISTRY=localhost:5000` builds and `kind load` can load.
 TRAINER_IMAGE_ENV = "CODISTILL_TRAINER_IMAGE"
 LOCAL_TRAINER_IMAGE = "localhost:5000/codistill/trainer:0.1.0"
+# The same for the ClusterTrainingRuntime of TrainJobs (the chart's trainJobRuntime.name).
+TRAINJOB_RUNTIME_ENV = "CODISTILL_TRAINJOB_RUNTIME"
+DEFAULT_TRAINJOB_RUNTIME = "codistill"
 # Jobs are `<name>-g<i>`, their Services `<job>-master-0` and `<job>-worker-<i>`: DNS-1035 labels
 # of at most 63 characters.
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -216,6 +219,20 @@ class Spec(_Model):
         None,
         description="Pod template merged into every trainer pod (resources, nodeSelector, "
         "tolerations, volumes, env).",
+    )
+    backend: Literal["auto", "trainjob", "pytorchjob"] = Field(
+        "auto",
+        description="The Kubeflow job of each group: TrainJob (Kubeflow Trainer v2 >= 2.2) or "
+        "PyTorchJob (Training Operator v1.9). auto: TrainJob where Trainer v2 is installed, else "
+        "PyTorchJob. Fixed once the run's jobs exist.",
+    )
+    runtime: str = Field(
+        default_factory=lambda: os.environ.get(TRAINJOB_RUNTIME_ENV) or DEFAULT_TRAINJOB_RUNTIME,
+        min_length=1,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN.pattern,
+        description="TrainJobs only: the ClusterTrainingRuntime they run on. Omitted: the "
+        "operator's (the chart's trainJobRuntime.name).",
     )
     task: Task = Field(default_factory=Task, description="What to train.")
     training: Training = Field(default_factory=Training, description="Training settings.")

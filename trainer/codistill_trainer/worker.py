@@ -1,8 +1,10 @@
 """Entry point of every trainer container: `python -m codistill_trainer.worker`.
 
 Reads who it is from the env contract (docs/architecture.md) and what to do from `run.json` in the
-run folder, joins its group's DDP world and trains. With `nprocPerWorker` > 1 the pod hands over to
-torchrun, which reads the PET_* variables the Training Operator injects.
+run folder, joins its group's DDP world and trains. A TrainJob starts it under torchrun, which
+turns the PET_* variables Kubeflow Trainer injects into RANK, WORLD_SIZE and the rest. In a
+PyTorchJob with `nprocPerWorker` > 1 the pod hands over to torchrun itself, reading the PET_*
+variables the Training Operator injects.
 """
 
 from __future__ import annotations

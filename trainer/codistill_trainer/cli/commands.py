@@ -106,8 +106,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
         console.print(f"{args.manifest}: valid for `codistill run` ({shape}); not for a cluster: "
                       f"{why}", soft_wrap=True)
         return 0 if args.local else 1
+    from codistill.jobs import unsupported
+
+    cannot = "; ".join(unsupported(run, "trainjob"))
+    if cannot and run.spec.backend == "trainjob":
+        console.print(f"{args.manifest}: valid for `codistill run` ({shape}); not for a cluster: "
+                      f"backend trainjob: {cannot}", soft_wrap=True, highlight=False)
+        return 0 if args.local else 1
     console.print(f"{args.manifest}: valid, locally and on a cluster ({shape})", highlight=False,
                   soft_wrap=True)
+    if cannot and run.spec.backend == "auto":  # on a cluster with Trainer v2, auto means TrainJob
+        console.print(f"where Kubeflow Trainer v2 is installed only with spec.backend: "
+                      f"pytorchjob: a TrainJob cannot carry {cannot}", highlight=False,
+                      soft_wrap=True)
     return 0
 
 
@@ -116,15 +127,24 @@ def cmd_render(args: argparse.Namespace) -> int:
     cluster, once the resource exists)."""
     import yaml
 
-    from codistill.pytorchjob import render_jobs
+    from codistill.jobs import RENDER, unsupported
 
     doc = spec.read(args.manifest)
     if args.namespace:
         doc = {**doc, "metadata": {**doc.get("metadata", {}), "namespace": args.namespace}}
     run = validation.check(doc, args.manifest)
+    backend = args.backend or run.spec.backend
+    header = f"# {run.metadata.namespace}/{run.metadata.name}"
+    if backend == "auto":  # the operator decides on the cluster; show one, say how to see the other
+        header += ("\n# spec.backend auto: TrainJobs where Kubeflow Trainer v2 (>= 2.2) is "
+                   "installed, else these PyTorchJobs (--backend trainjob shows the TrainJobs)")
+        backend = "pytorchjob"
+    cannot = unsupported(run, backend)
+    if cannot:
+        raise spec.SpecError(f"{args.manifest}: backend {backend}: {'; '.join(cannot)}")
     url = names.run_url(run.spec.storage.url, run.metadata.namespace, run.metadata.name)
-    header = f"# {run.metadata.namespace}/{run.metadata.name}: run folder {url}\n"
-    sys.stdout.write(header + yaml.safe_dump_all(render_jobs(run, url), sort_keys=False))
+    header += f"\n# run folder {url}\n"
+    sys.stdout.write(header + yaml.safe_dump_all(RENDER[backend](run, url), sort_keys=False))
     return 0
 
 
@@ -165,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
     rn = sub.add_parser("render", help="print the Kubernetes jobs the operator would create")
     rn.add_argument("manifest")
     rn.add_argument("--namespace", "-n", help="the namespace it will be applied to")
+    rn.add_argument("--backend", choices=["trainjob", "pytorchjob"],
+                    help="the jobs of this backend (default: the manifest's spec.backend)")
     rn.set_defaults(fn=cmd_render)
     d = sub.add_parser("data", help="datasets of the built-in tasks")
     d.add_argument("action", choices=["fetch"])
