@@ -1,8 +1,10 @@
-"""The PyTorchJobs a run should have, and the steps that make the cluster hold exactly those.
+"""The jobs a run should have, and the steps that make the cluster hold exactly those.
 
 Pure functions over plain dicts. Each job carries the hash of its rendering, so a job that no
 longer matches the spec (changed while the operator was down, or half-way through an update) is
-found and patched rather than silently left stale.
+found and patched rather than silently left stale. A TrainJob's spec is immutable but for
+`suspend` and its labels: one whose rest changed is replaced (deleted, then created again; the
+group resumes from its last state in the bucket), which `RECREATE_HASH` tells apart.
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ import hashlib
 import json
 from typing import Any, NamedTuple
 
-from codistill.names import API_GROUP, API_VERSION, KIND, LABEL_QUEUE
-from codistill.pytorchjob import render_jobs
+from codistill.jobs import RENDER
+from codistill.names import API_GROUP, API_VERSION, KIND, LABEL_QUEUE, TRAINJOB_KIND
 from codistill.spec import Codistillation
 
-from .names import SPEC_HASH
+from .names import RECREATE_HASH, SPEC_HASH
 
 
 class Plan(NamedTuple):
     create: list[dict[str, Any]]
     update: list[tuple[str, list[dict[str, Any]]]]  # job name, JSON patch
     delete: list[str]
+    replace: list[str] = []  # TrainJobs deleted now, to be created again once gone
 
 
 def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
@@ -41,18 +44,30 @@ def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def spec_hash(job: dict[str, Any]) -> str:
-    essence = {"labels": job["metadata"].get("labels"), "spec": job["spec"]}
+def _hash(essence: Any) -> str:
     return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def desired(run: Codistillation, body: dict[str, Any], run_url: str) -> list[dict[str, Any]]:
-    """`render_jobs` (shared with the local launcher) plus ownership and the rendering's hash."""
-    jobs = render_jobs(run, run_url)
+def spec_hash(job: dict[str, Any]) -> str:
+    return _hash({"labels": job["metadata"].get("labels"), "spec": job["spec"]})
+
+
+def recreate_hash(job: dict[str, Any]) -> str:
+    """A TrainJob's immutable part: all of its spec but `suspend`."""
+    return _hash({k: v for k, v in job["spec"].items() if k != "suspend"})
+
+
+def desired(run: Codistillation, body: dict[str, Any], run_url: str,
+            backend: str) -> list[dict[str, Any]]:
+    """The backend's rendering (shared with `codistill render`; PyTorchJobs also with the
+    local launcher) plus ownership and the rendering's hashes."""
+    jobs = RENDER[backend](run, run_url)
     for job in jobs:
         meta = job["metadata"]
         meta["ownerReferences"] = [owner_reference(body)]
         meta["annotations"] = {SPEC_HASH: spec_hash(job)}
+        if job["kind"] == TRAINJOB_KIND:
+            meta["annotations"][RECREATE_HASH] = recreate_hash(job)
     return jobs
 
 
@@ -77,22 +92,10 @@ def _keep_injected(template: dict[str, Any], live: dict[str, Any]) -> None:
             meta[key] = _merged(meta.get(key), live_meta[key])
 
 
-def patch_ops(want: dict[str, Any], have: dict[str, Any]) -> list[dict[str, Any]]:
-    """A JSON patch bringing a job to our rendering, without undoing what others set on it.
-
-    With a queue (Kueue), `runPolicy.suspend: false` is Kueue's to set, on admission: a resume
-    leaves the live value alone. Labels, annotations and what admission injected into the pod
-    templates are merged, not replaced."""
-    spec = copy.deepcopy(want["spec"])
-    live = have.get("spec") or {}
-    if LABEL_QUEUE in want["metadata"]["labels"] and not spec["runPolicy"].get("suspend"):
-        spec["runPolicy"]["suspend"] = bool((live.get("runPolicy") or {}).get("suspend"))
-    for role, replica in spec["pytorchReplicaSpecs"].items():
-        live_replica = (live.get("pytorchReplicaSpecs") or {}).get(role) or {}
-        _keep_injected(replica["template"], live_replica.get("template") or {})
+def _metadata_ops(want: dict[str, Any], have: dict[str, Any]) -> list[dict[str, Any]]:
+    """Labels and annotations merged, not replaced: others' (Kueue's) stay."""
     meta, live_meta = want["metadata"], have["metadata"]
     return [
-        {"op": "replace", "path": "/spec", "value": spec},
         {"op": "add", "path": "/metadata/labels",
          "value": _merged(meta["labels"], live_meta.get("labels"))},
         {"op": "add", "path": "/metadata/annotations",
@@ -100,19 +103,53 @@ def patch_ops(want: dict[str, Any], have: dict[str, Any]) -> list[dict[str, Any]
     ]
 
 
+def _suspend(want: bool, queued: bool, live: bool) -> bool:
+    """With a queue (Kueue), `suspend: false` is Kueue's to set, on admission: a resume
+    leaves the live value alone."""
+    return bool(live) if queued and not want else want
+
+
+def patch_ops(want: dict[str, Any], have: dict[str, Any]) -> list[dict[str, Any]]:
+    """A JSON patch bringing a job to our rendering, without undoing what others set on it:
+    Kueue's suspend, labels, annotations and what admission injected into the pod templates."""
+    spec = copy.deepcopy(want["spec"])
+    live = have.get("spec") or {}
+    queued = LABEL_QUEUE in want["metadata"]["labels"]
+    if want["kind"] == TRAINJOB_KIND:  # the rest is the same, or the job is replaced instead
+        return [{"op": "replace", "path": "/spec/suspend",
+                 "value": _suspend(spec["suspend"], queued, live.get("suspend"))},
+                *_metadata_ops(want, have)]
+    policy = spec["runPolicy"]
+    policy["suspend"] = _suspend(bool(policy.get("suspend")), queued,
+                                 (live.get("runPolicy") or {}).get("suspend"))
+    for role, replica in spec["pytorchReplicaSpecs"].items():
+        live_replica = (live.get("pytorchReplicaSpecs") or {}).get(role) or {}
+        _keep_injected(replica["template"], live_replica.get("template") or {})
+    return [{"op": "replace", "path": "/spec", "value": spec}, *_metadata_ops(want, have)]
+
+
+def _stale(want: dict[str, Any], old: dict[str, Any], key: str) -> bool:
+    return (old["metadata"].get("annotations") or {}).get(key) != want["metadata"]["annotations"][key]
+
+
 def plan(want: list[dict[str, Any]], have: list[dict[str, Any]]) -> Plan:
-    """Create the missing, patch the stale, delete the ones no group needs."""
+    """Create the missing, patch the stale (replace a TrainJob whose immutable part changed),
+    delete the ones no group needs."""
     existing = {job["metadata"]["name"]: job for job in have}
     wanted = {job["metadata"]["name"] for job in want}
-    create, update = [], []
+    create, update, replace = [], [], []
     for job in want:
-        old = existing.get(job["metadata"]["name"])
+        name = job["metadata"]["name"]
+        old = existing.get(name)
         if old is None:
             create.append(job)
-        elif (old["metadata"].get("annotations") or {}).get(SPEC_HASH) != spec_hash(job):
-            update.append((job["metadata"]["name"], patch_ops(job, old)))
-    return Plan(create, update, sorted(set(existing) - wanted))
+        elif RECREATE_HASH in job["metadata"]["annotations"] and _stale(job, old, RECREATE_HASH):
+            replace.append(name)
+        elif _stale(job, old, SPEC_HASH):
+            update.append((name, patch_ops(job, old)))
+    return Plan(create, update, sorted(set(existing) - wanted), replace)
 
 
 def suspended(job: dict[str, Any]) -> bool:
-    return bool((job.get("spec") or {}).get("runPolicy", {}).get("suspend"))
+    spec = job.get("spec") or {}
+    return bool(spec.get("suspend") or (spec.get("runPolicy") or {}).get("suspend"))

@@ -14,7 +14,7 @@ from codistill.storage import StorageError
 from . import bucket
 from .errors import MissingSecret, Retry
 from .runtime import State
-from .status.write import current, post
+from .status.write import current, job_kind, post
 
 
 def remove_folder(state: State, namespace: str, name: str, attempt: int) -> str:
@@ -22,15 +22,18 @@ def remove_folder(state: State, namespace: str, name: str, attempt: int) -> str:
     api, body = state.api, state.api.get_run(namespace, name)
     if body is None:
         return "gone"
-    meta = body["metadata"]
+    meta, status = body["metadata"], current(body)
     last = attempt + 1 >= state.config.delete_attempts
-    for job in api.list_jobs(meta["namespace"], body):
+    kind = job_kind(status)
+    for job in api.list_jobs(kind, meta["namespace"], body):
         if not job["metadata"].get("deletionTimestamp"):
-            api.delete_job(meta["namespace"], job["metadata"]["name"])
-    remaining = api.list_jobs(meta["namespace"], body)  # foreground: gone once their pods are
+            api.delete_job(kind, meta["namespace"], job["metadata"]["name"])
+    # Until every trainer has stopped: one still running would write into the removed folder.
+    remaining = [*api.list_jobs(kind, meta["namespace"], body),
+                 *api.list_pods(meta["namespace"], meta["name"])]
     if remaining and not last:
-        raise Retry(f"waiting for {len(remaining)} PyTorchJobs to go before removing the folder")
-    status = current(body)
+        raise Retry(f"waiting for {len(remaining)} {kind.kind}s and pods to go before removing "
+                    "the folder")
     try:
         folder = bucket.applied_folder(api, meta["namespace"], status)
         if folder is None:

@@ -75,6 +75,7 @@ COLUMNS = [
     ("Loss", "number", ".status.loss", 0, "Mean training loss."),
     ("Age", "date", ".metadata.creationTimestamp", 0, "Time since creation."),
     ("Ready", "string", ".status.groupsReady", 1, "Groups running or done."),
+    ("Jobs", "string", ".status.applied.backend", 1, "Its jobs: trainjob or pytorchjob."),
     ("Bucket", "string", ".status.bucket", 1, "The run folder."),
 ]
 _DROP = {"title", "additionalProperties", "$defs"}
@@ -186,7 +187,8 @@ def openapi_schema() -> dict[str, Any]:
     return _add_rules({
         "type": "object",
         "description": "Online distillation (codistillation): N model groups, each a "
-        "data-parallel PyTorchJob, distilling from each other's stale checkpoints in a bucket.",
+        "data-parallel Kubeflow job (TrainJob or PyTorchJob), distilling from each other's "
+        "stale checkpoints in a bucket.",
         "properties": {
             "apiVersion": {"type": "string", "description": f"{API_GROUP}/{API_VERSION}"},
             "kind": {"type": "string", "description": KIND},

@@ -2,14 +2,16 @@
 
 `kopf run -m codistill_operator.handlers` loads this module; `python -m codistill_operator` too.
 No kopf timers or daemons: those would put a finalizer on every run. The status loop is one
-operator-wide task instead (status/loop.py), and the PyTorchJobs are only watched (kopf writes
-nothing on them).
+operator-wide task instead (status/loop.py), and the jobs (PyTorchJobs, TrainJobs) are only
+watched (kopf writes nothing on them). A job kind whose CRD is not installed is not watched; kopf
+starts watching it once the CRD appears (cluster-wide; namespaced, at the next start).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,7 @@ from codistill import names
 from codistill.names import API_GROUP, API_VERSION, KIND, PLURAL
 
 from . import cleanup, metrics, reconcile
+from .backends import KINDS
 from .errors import Retry
 from .names import COMPONENT, FINALIZER
 from .runtime import State
@@ -27,7 +30,6 @@ from .status import loop
 
 log = logging.getLogger(__name__)
 RUNS = (API_GROUP, API_VERSION, PLURAL)
-JOBS = (names.KUBEFLOW_GROUP, names.KUBEFLOW_VERSION, names.PYTORCHJOB_PLURAL)
 
 
 @kopf.on.startup()
@@ -110,7 +112,8 @@ def track_run(type: str | None, namespace: str, name: str, memo: kopf.Memo, **_:
         memo.state.runs.setdefault((namespace, name), "Pending")
 
 
-@kopf.on.event(*JOBS, labels={names.LABEL_RUN: kopf.PRESENT})
+@kopf.on.event(*KINDS["pytorchjob"][:3], labels={names.LABEL_RUN: kopf.PRESENT})
+@kopf.on.event(*KINDS["trainjob"][:3], labels={names.LABEL_RUN: kopf.PRESENT})
 def job_changed(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo,
                 **_: Any) -> None:
     """A job's conditions changed: refresh its run; a job deleted by hand is recreated."""
@@ -120,11 +123,30 @@ def job_changed(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Me
         return
     state: State = memo.state
     if type == "DELETED":
-        try:
-            _reconcile(state, namespace, owner)
-        except kopf.TemporaryError as e:
-            log.warning("run %s/%s not reconciled after a job deletion: %s", namespace, owner, e)
+        _reconcile_until_done(state, namespace, owner)
     loop.refresh(state, namespace, owner)
+
+
+def _reconcile_until_done(state: State, namespace: str, name: str) -> None:
+    """Reconcile now, and again every retry delay until it passes (a job deleted while its
+    group's pods are still going is created once they are gone). kopf retries only the
+    handlers of the run itself, not those of its jobs' events: hence a timer, one per run."""
+    try:
+        _reconcile(state, namespace, name)
+        return
+    except kopf.TemporaryError as e:
+        log.warning("run %s/%s not reconciled after a job deletion, trying again: %s",
+                    namespace, name, e)
+    if not state.retry_later(namespace, name):
+        return  # a timer is already set for it
+    timer = threading.Timer(state.config.retry_delay, _retry, (state, namespace, name))
+    timer.daemon = True  # an operator that stops does not wait for it
+    timer.start()
+
+
+def _retry(state: State, namespace: str, name: str) -> None:
+    state.retried(namespace, name)
+    _reconcile_until_done(state, namespace, name)
 
 
 @kopf.on.probe(id="runs")

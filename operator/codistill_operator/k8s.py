@@ -1,7 +1,8 @@
 """The few Kubernetes calls the operator makes, over the official (synchronous) client.
 
-Exactly the verbs the chart's RBAC grants: codistillations get/patch (+ status), pytorchjobs
-get/list/create/patch/delete, pods list, secrets get, events create. kopf runs sync handlers in worker
+Exactly the verbs the chart's RBAC grants: codistillations get/patch (+ status), pytorchjobs and
+trainjobs get/list/create/patch/delete, pods list, secrets get, events create; and the OpenAPI
+document of Trainer v2's API group, which every authenticated client may read. kopf runs sync handlers in worker
 threads, and the status loop calls in via `asyncio.to_thread`, so blocking calls are fine here.
 """
 
@@ -21,9 +22,9 @@ from kubernetes.client.exceptions import ApiException
 from codistill import names
 from codistill.names import API_GROUP, API_VERSION, KIND, PLURAL
 
+from .backends import TRAINER_SCHEMA, JobKind
 from .names import COMPONENT
 
-KUBEFLOW = (names.KUBEFLOW_GROUP, names.KUBEFLOW_VERSION, names.PYTORCHJOB_PLURAL)
 JSON_PATCH = "application/json-patch+json"
 T = TypeVar("T")
 
@@ -80,12 +81,12 @@ class Api:
             API_GROUP, API_VERSION, namespace, PLURAL, name, body, **self._timeout
         )
 
-    def list_jobs(self, namespace: str, run: dict[str, Any]) -> list[dict[str, Any]]:
-        """The PyTorchJobs this run owns (by ownerReference uid, not only by label)."""
+    def list_jobs(self, kind: JobKind, namespace: str, run: dict[str, Any]) -> list[dict[str, Any]]:
+        """The jobs of `kind` this run owns (by ownerReference uid, not only by label)."""
         name, uid = run["metadata"]["name"], run["metadata"].get("uid")
         found = self.custom.list_namespaced_custom_object(
-            *KUBEFLOW[:2], namespace, KUBEFLOW[2], label_selector=f"{names.LABEL_RUN}={name}",
-            **self._timeout,
+            kind.group, kind.version, namespace, kind.plural,
+            label_selector=f"{names.LABEL_RUN}={name}", **self._timeout,
         )
         return [job for job in found.get("items", []) if owner_uid(job) == uid]
 
@@ -96,19 +97,20 @@ class Api:
         )
         return self.core.api_client.sanitize_for_serialization(found).get("items", [])
 
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def get_job(self, kind: JobKind, namespace: str, name: str) -> dict[str, Any] | None:
         return or_none(lambda: self.custom.get_namespaced_custom_object(
-            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name, **self._timeout
+            kind.group, kind.version, namespace, kind.plural, name, **self._timeout
         ))
 
-    def create_job(self, namespace: str, job: dict[str, Any], dry_run: bool = False) -> bool:
+    def create_job(self, kind: JobKind, namespace: str, job: dict[str, Any],
+                   dry_run: bool = False) -> bool:
         """Create; False when a job of that name already exists (a re-delivered event).
 
         `dry_run`: the API server (schema, webhooks, admission) judges it and stores nothing."""
         extra = {"dry_run": "All"} if dry_run else {}
         try:
             self.custom.create_namespaced_custom_object(
-                *KUBEFLOW[:2], namespace, KUBEFLOW[2], job, **extra, **self._timeout
+                kind.group, kind.version, namespace, kind.plural, job, **extra, **self._timeout
             )
             return True
         except ApiException as e:
@@ -116,18 +118,32 @@ class Api:
                 return False
             raise
 
-    def patch_job(self, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
+    def patch_job(self, kind: JobKind, namespace: str, name: str,
+                  ops: list[dict[str, Any]]) -> None:
         self.custom.patch_namespaced_custom_object(
-            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name, ops, _content_type=JSON_PATCH,
-            **self._timeout,
+            kind.group, kind.version, namespace, kind.plural, name, ops,
+            _content_type=JSON_PATCH, **self._timeout,
         )
 
-    def delete_job(self, namespace: str, name: str) -> None:
-        """Foreground: the job stays until its pods are gone, so callers can wait on it."""
+    def delete_job(self, kind: JobKind, namespace: str, name: str) -> None:
+        """As `kind` says (JobKind.propagation); callers wait for the pods to be gone."""
         or_none(lambda: self.custom.delete_namespaced_custom_object(
-            *KUBEFLOW[:2], namespace, KUBEFLOW[2], name, propagation_policy="Foreground",
-            **self._timeout,
+            kind.group, kind.version, namespace, kind.plural, name,
+            propagation_policy=kind.propagation, **self._timeout,
         ))
+
+    def trainer_schema(self) -> dict[str, Any] | None:
+        """The OpenAPI v3 document of trainer.kubeflow.org/v1alpha1; None when not served."""
+        client = self.core.api_client
+        request = client.param_serialize("GET", TRAINER_SCHEMA, auth_settings=["BearerToken"],
+                                         header_params={"Accept": "application/json"})
+        response = client.call_api(*request, **self._timeout)
+        response.read()
+        if response.status == 404:
+            return None
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response)
+        return json.loads(response.data)
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's data, decoded; None when it does not exist. Never logged."""

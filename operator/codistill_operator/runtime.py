@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from .backends import Detector
 from .k8s import Api, connect
 from .settings import Config
 
@@ -15,8 +16,10 @@ class State:
         self.config = config
         self.runs: dict[tuple[str, str], str] = {}  # (namespace, name) -> last known phase
         self._api: Api | None = None
+        self.detector = Detector()  # is Kubeflow Trainer v2 installed (cached a minute)
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._reconciles: dict[tuple[str, str], threading.Lock] = {}
+        self._retrying: set[tuple[str, str]] = set()  # runs with a reconcile timer set
         self._guard = threading.Lock()
 
     @property
@@ -37,6 +40,18 @@ class State:
         event starts (a run deleted and created again under its name sees its old jobs go)."""
         with self._guard:
             return self._reconciles.setdefault((namespace, name), threading.Lock())
+
+    def retry_later(self, namespace: str, name: str) -> bool:
+        """Mark the run as having a reconcile timer; False if it has one already."""
+        with self._guard:
+            if (namespace, name) in self._retrying:
+                return False
+            self._retrying.add((namespace, name))
+            return True
+
+    def retried(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._retrying.discard((namespace, name))
 
     def forget(self, namespace: str, name: str) -> None:
         with self._guard:

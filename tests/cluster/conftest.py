@@ -29,7 +29,8 @@ def unavailable() -> str | None:
     """Why this tier cannot run here, or None (tests/conftest.py then leaves it out, saying so
     in one line, unless CI requires it)."""
     if missing_binaries() and shutil.which("go") is None:
-        return "no Go toolchain to build kube-apiserver and the Training Operator (cluster/build.sh)"
+        return ("no Go toolchain to build kube-apiserver and the Kubeflow controllers "
+                "(cluster/build.sh)")
     if os.geteuid() != 0:
         return "the process kubelet needs root (network namespaces)"
     return None
@@ -47,7 +48,10 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         pytest.skip(f"the real-cluster tier cannot run: {why}")
     ensure_built()  # minutes when cold; .ci/run builds first and prints the times
     operator = TrainingOperator(pytorch_init_container_template=RESTRICTED_PYTORCH_INIT_CONTAINER)
-    with ControlPlane(tmp_path_factory.mktemp("cluster"), training_operator=operator) as cp:
+    # Both Kubeflow backends: PyTorchJobs (Training Operator) and TrainJobs (Trainer v2, JobSet);
+    # and Kueue, which admits only jobs labelled with a queue (the others run at once)
+    with ControlPlane(tmp_path_factory.mktemp("cluster"), training_operator=operator,
+                      trainer_v2=True, kueue=True) as cp:
         yield cp
 
 

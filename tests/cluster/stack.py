@@ -85,13 +85,18 @@ class Stack:
         return status
 
 
-def manifest(stack: Stack, name: str, steps: int = 300, **spec: Any) -> dict[str, Any]:
-    """A 2-group x 2-worker run of the tiny LM task on the e2e bucket."""
+JOB_KINDS = {"pytorchjob": "pytorchjobs", "trainjob": "trainjobs", "auto": "trainjobs"}
+
+
+def manifest(stack: Stack, name: str, steps: int = 300, backend: str = "pytorchjob",
+             **spec: Any) -> dict[str, Any]:
+    """A 2-group x 2-worker run of the tiny LM task on the e2e bucket. Both Kubeflow backends
+    are installed here, so `auto` means TrainJobs; PyTorchJobs unless `backend` says so."""
     return {
         "apiVersion": "codistill.io/v1alpha1", "kind": "Codistillation",
         "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {
-            "groups": 2, "workersPerGroup": 2,
+            "backend": backend, "groups": 2, "workersPerGroup": 2,
             "task": {"name": "lm", "args": {"data_dir": str(stack.data), "seq_len": 16,
                                             "embed": 16, "hidden": 32}},
             "training": {"steps": steps, "batchSize": 8, "evalEverySteps": 100,
@@ -101,7 +106,7 @@ def manifest(stack: Stack, name: str, steps: int = 300, **spec: Any) -> dict[str
                              "pollIntervalSeconds": 0.2},
             "storage": {"url": f"s3://{BUCKET}", "endpoint": stack.endpoint,
                         "credentialsSecret": "bucket-creds", "onDelete": "Delete"},
-            "runPolicy": {"backoffLimit": 3},
+            **({"runPolicy": {"backoffLimit": 3}} if backend == "pytorchjob" else {}),
             **spec,
         },
     }

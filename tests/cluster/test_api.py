@@ -55,7 +55,7 @@ def test_a_valid_run_is_defaulted_and_listed_with_its_columns(control_plane: Con
         print(table)
         assert table.split("\n")[0].split() == ["NAME", "GROUPS", "PHASE", "STEP", "LOSS", "AGE"]
         wide = control_plane.kubectl("get", "codistillations", "-o", "wide").stdout
-        assert "READY" in wide and "BUCKET" in wide
+        assert "READY" in wide and "JOBS" in wide and "BUCKET" in wide
     finally:
         control_plane.kubectl("delete", "codistillation", "columns", "--wait=false")
 

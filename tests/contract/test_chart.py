@@ -20,7 +20,8 @@ import jsonschema
 import pytest
 import yaml
 
-from codistill import names, spec
+from codistill import names, spec, trainjob
+from codistill.pytorchjob import CONTAINER_SECURITY, POD_SECURITY
 from tests.support.crdschema import as_json_schema
 from tests.support.helm import (
     BUILT_IMAGE,
@@ -67,6 +68,7 @@ OPERATOR_RIGHTS = {
     ("codistill.io", "codistillations"): {"get", "list", "watch", "patch"},
     ("codistill.io", "codistillations/status"): {"patch"},
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("trainer.kubeflow.org", "trainjobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "events"): {"create"},
     ("", "pods"): {"list"},  # why a group's pods cannot start (status)
 }
@@ -362,6 +364,8 @@ def test_documented_installs_need_only_namespaces_created_before(helm: Helm, doc
         if args[1] == "create":
             created.update(args[3:])
             continue
+        if "charts/codistill" not in args:  # another chart (Kubeflow Trainer's), not ours
+            continue
         installs += 1
         if "--create-namespace" in args:
             created.add(args[args.index("-n") + 1])
@@ -488,3 +492,45 @@ def test_every_value_is_documented_in_values_yaml_and_docs() -> None:
     table = (ROOT / "docs" / "cluster.md").read_text()
     missing = sorted(p for p in documented if f"`{p}`" not in table)
     assert not missing, f"docs/cluster.md: values table lacks {missing}"
+
+
+TRAINER_V2 = ("trainer.kubeflow.org/v1alpha1/ClusterTrainingRuntime",)
+
+
+def runtimes(rendered: Rendered) -> list[dict[str, Any]]:
+    return [o for o in rendered.objects if o["kind"] == "ClusterTrainingRuntime"]
+
+
+def test_the_trainjob_runtime_is_installed_where_trainer_v2_serves_it_and_fits_the_trainjobs(
+        helm: Helm) -> None:
+    assert runtimes(helm.render(BUILT_IMAGE)) == []  # no Trainer v2: nothing it cannot apply
+    rendered = helm.render(BUILT_IMAGE, TRAINER_V2)
+    (runtime,) = runtimes(rendered)
+    assert runtime["metadata"]["name"] == spec.DEFAULT_TRAINJOB_RUNTIME
+    assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {}}
+    template = runtime["spec"]["template"]["spec"]
+    assert template["failurePolicy"] == {"maxRestarts": 1}
+    (node,) = template["replicatedJobs"]  # what the operator's runtime patch names
+    assert node["name"] == names.TRAINJOB_REPLICATED_JOB
+    assert node["template"]["metadata"]["labels"] == {
+        "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    assert node["template"]["spec"]["backoffLimit"] == 6
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert pod["securityContext"] == POD_SECURITY and pod["restartPolicy"] == "OnFailure"
+    assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+    (container,) = pod["containers"]
+    assert container["name"] == names.TRAINJOB_CONTAINER
+    assert container["command"] == trainjob.COMMAND
+    assert container["securityContext"] == CONTAINER_SECURITY
+    (deployment,) = [o for o in rendered.objects if o["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    assert env[spec.TRAINJOB_RUNTIME_ENV] == "codistill"
+    assert container["image"] == env[spec.TRAINER_IMAGE_ENV]
+    mine = helm.render({**BUILT_IMAGE, "trainJobRuntime.create": False,
+                        "trainJobRuntime.name": "team-torch"}, TRAINER_V2)
+    assert runtimes(mine) == []
+    (deployment,) = [o for o in mine.objects if o["kind"] == "Deployment"]
+    assert {"name": spec.TRAINJOB_RUNTIME_ENV, "value": "team-torch"} in deployment["spec"][
+        "template"]["spec"]["containers"][0]["env"]

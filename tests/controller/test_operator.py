@@ -21,7 +21,17 @@ from codistill.net import free_port
 from codistill.storage import Bucket, StorageError
 from codistill_operator.names import FINALIZER, SPEC_HASH
 from tests.support.crdschema import INVALID, assert_meets_webhook, corpus_entry, kubeflow, validator
-from tests.support.kube import JOBS, RUNS, SECRETS, Cluster, Operator, manifest, secret, wait_for
+from tests.support.kube import (
+    JOBS,
+    PODS,
+    RUNS,
+    SECRETS,
+    Cluster,
+    Operator,
+    manifest,
+    secret,
+    wait_for,
+)
 from tests.support.s3 import S3_KEY, S3_SECRET
 
 KEYS = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
@@ -129,6 +139,19 @@ def test_a_missing_bucket_is_named_in_ready_and_never_created(cluster: Cluster,
         folder(s3, "demo", "s3://fresh-bucket/runs").get(names.RUN_JSON)
 
 
+def test_a_backend_that_is_not_installed_is_named_in_ready_and_nothing_is_created(
+        cluster: Cluster, operator: Operator, s3: str) -> None:
+    """kmock serves PyTorchJobs only: no Kubeflow Trainer v2."""
+    cluster.create(RUNS, manifest("demo", s3, backend="trainjob"))
+    run = ready(cluster, "demo", "False", "BackendUnavailable")
+    assert condition(run, "Ready")["message"] == (
+        "spec.backend: trainjob: Kubeflow Trainer v2 is not installed (no "
+        "trainer.kubeflow.org/v1alpha1 API)")
+    assert run["status"]["phase"] == "Pending" and "applied" not in run["status"]
+    assert cluster.list(JOBS) == [] and not folder(s3, "demo").exists(names.RUN_JSON)
+    assert "BackendUnavailable" in reasons(cluster, "demo")
+
+
 def progress(group: int, step: int, loss: float, **extra: Any) -> dict[str, Any]:
     return {"group": group, "step": step, "steps": 1000, "state": "training", "loss": loss,
             "taskLoss": loss, "distillLoss": 0.1, "evalLoss": None, "teachers": {},
@@ -208,6 +231,24 @@ def test_a_job_removed_after_its_group_finished_is_not_created_again(
     time.sleep(2)  # ten status intervals, and the deletions' own reconciles, have passed
     assert cluster.list(JOBS) == [] and reasons(cluster, "demo").count("JobsCreated") == 1
     assert cluster.get(RUNS, "demo")["status"]["phase"] == "Succeeded"
+
+
+def test_a_deleted_job_is_created_again_only_once_its_groups_pods_are_gone(
+        cluster: Cluster, operator: Operator, s3: str) -> None:
+    """Two generations of one group must never train at once: both would write its folder."""
+    cluster.create(RUNS, manifest("demo", s3))
+    ready(cluster, "demo")
+    labels = {names.LABEL_RUN: "demo", names.LABEL_GROUP: "0"}
+    cluster.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "demo-g0-master-0", "namespace": "default", "labels": labels},
+        "spec": {"containers": [{"name": "pytorch", "image": "trainer"}]}})
+    old = cluster.get(JOBS, "demo-g0")["metadata"]["uid"]
+    cluster.delete(JOBS, "demo-g0")  # by hand; its pod still terminating
+    time.sleep(2)  # the deletion's reconcile and ten status intervals
+    assert cluster.get(JOBS, "demo-g0") is None
+    cluster.delete(PODS, "demo-g0-master-0")
+    again = wait_for(lambda: cluster.get(JOBS, "demo-g0"), "demo-g0 created again", timeout=10)
+    assert again["metadata"]["uid"] != old
 
 
 def test_a_run_created_again_under_its_name_starts_fresh(cluster: Cluster, operator: Operator,

@@ -30,8 +30,8 @@ def body(**spec: Any) -> dict[str, Any]:
     return doc
 
 
-def jobs_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    return children.desired(parse(doc), doc, URL)
+def jobs_of(doc: dict[str, Any], backend: str = "pytorchjob") -> list[dict[str, Any]]:
+    return children.desired(parse(doc), doc, URL, backend)
 
 
 SPECS = {
@@ -549,7 +549,7 @@ class StoreDown:
     def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": "AKIAKEYID", "AWS_SECRET_ACCESS_KEY": "secret-value"}
 
-    def list_jobs(self, namespace: str, run: dict) -> list[dict]:
+    def list_jobs(self, kind: Any, namespace: str, run: dict) -> list[dict]:
         return [{**RUNNING, "metadata": {"labels": {names.LABEL_GROUP: "0"}}}]
 
     def list_pods(self, namespace: str, run: str) -> list[dict]:

@@ -130,16 +130,26 @@ class Helm:
             [str(self.binary), *args], capture_output=True, text=True, env=self.env, timeout=60
         )
 
-    def render(self, values: dict[str, Any] | None = None) -> Rendered:
-        """Render the chart as `helm install` would, with `values` on top of the defaults."""
-        args = ["install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client", "-o", "json"]
-        done = self.run(*args, *set_json(values or {}))
+    def render(self, values: dict[str, Any] | None = None,
+               api_versions: tuple[str, ...] = ()) -> Rendered:
+        """Render the chart as `helm install` would, with `values` on top of the defaults. With
+        `api_versions` (`group/version/Kind`, served beside the built-in ones), as `helm
+        template` does, which alone takes them (and renders no NOTES)."""
+        if api_versions:
+            done = self.run("template", RELEASE, str(CHART), "-n", NAMESPACE,
+                            *[f"--api-versions={v}" for v in api_versions],
+                            *set_json(values or {}))
+            text, notes = done.stdout, ""
+        else:
+            done = self.run("install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client",
+                            "-o", "json", *set_json(values or {}))
         if done.returncode != 0:
-            raise RuntimeError(f"helm install --dry-run {values}: {done.stderr.strip()}")
-        release = json.loads(done.stdout)
-        text = release["manifest"]
+            raise RuntimeError(f"helm render {values}: {done.stderr.strip()}")
+        if not api_versions:
+            release = json.loads(done.stdout)
+            text, notes = release["manifest"], release["info"].get("notes", "")
         objects = [o for o in yaml.safe_load_all(text) if o is not None]
-        return Rendered(text=text, objects=objects, notes=release["info"].get("notes", ""))
+        return Rendered(text=text, objects=objects, notes=notes)
 
 
 def expected_manifests(helm: Helm) -> dict[Path, str]:

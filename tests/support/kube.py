@@ -46,6 +46,7 @@ from .s3 import S3_KEY, S3_SECRET
 RUNS = kmock.resource(names.API_GROUP, names.API_VERSION, names.PLURAL)
 JOBS = kmock.resource(names.KUBEFLOW_GROUP, names.KUBEFLOW_VERSION, names.PYTORCHJOB_PLURAL)
 SECRETS = kmock.resource("", "v1", "secrets")
+PODS = kmock.resource("", "v1", "pods")
 EVENTS = kmock.resource("", "v1", "events")
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 NAMESPACES = kmock.resource("", "v1", "namespaces")
@@ -214,6 +215,9 @@ def declare(emulator: Emulator) -> None:
     )
     emulator.resources[SECRETS] = kmock.ResourceInfo(
         kind="Secret", singular="secret", namespaced=True, verbs={"get", "list", "create"},
+    )
+    emulator.resources[PODS] = kmock.ResourceInfo(  # none run: the operator only lists them
+        kind="Pod", singular="pod", namespaced=True, verbs={"get", "list", "create", "delete"},
     )
     emulator.resources[EVENTS] = kmock.ResourceInfo(
         kind="Event", singular="event", namespaced=True, verbs={"get", "list", "create"},

@@ -223,6 +223,40 @@ def test_render_prints_the_jobs_the_operator_creates(capsys):
         assert "valueFrom" in env["AWS_SECRET_ACCESS_KEY"] and pod["securityContext"]["runAsNonRoot"]
 
 
+def test_render_and_validate_speak_for_either_backend(tmp_path, capsys):
+    from tests.support.crdschema import TRAINER_RELEASES, trainjob
+    from tests.support.helm import ROOT
+
+    def render(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["render", *argv])
+        assert exited.value.code == 0
+        return capsys.readouterr().out
+
+    sample = ROOT / "manifests" / "samples" / "codistillation.yaml"
+    jobs = list(yaml.safe_load_all(render("--backend", "trainjob", str(sample))))
+    assert [j["kind"] for j in jobs] == ["TrainJob", "TrainJob"]
+    for job in jobs:
+        for release in TRAINER_RELEASES:
+            trainjob(release).validate(job)
+    out = render(str(sample))  # auto: says which it shows, and how to see the other
+    assert "--backend trainjob shows the TrainJobs" in out
+    assert {j["kind"] for j in yaml.safe_load_all(out)} == {"PyTorchJob"}
+    doc = yaml.safe_load(sample.read_text())
+    doc["spec"]["runPolicy"] = {"backoffLimit": 2}
+    for backend, code_wanted, said in (
+            ("auto", 0, "only with spec.backend: pytorchjob: a TrainJob cannot carry "
+                        "spec.runPolicy.backoffLimit"),
+            ("trainjob", 1, "not for a cluster: backend trainjob: spec.runPolicy.backoffLimit")):
+        doc["spec"]["backend"] = backend
+        path = tmp_path / f"{backend}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        code, out = run_cli(capsys, "validate", str(path))
+        assert code == code_wanted and said in out, out
+    code, out = run_cli(capsys, "render", str(path))
+    assert code == 2 and "error:" in out and "spec.runPolicy.backoffLimit" in out
+
+
 @pytest.mark.parametrize("case, expected", [
     ("env", "spec.template.spec.containers[0].env: must be a list of mappings"),
     ("alias", "malformed YAML: aliases (*a) are not allowed"),

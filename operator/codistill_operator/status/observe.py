@@ -32,7 +32,7 @@ class Observed(NamedTuple):
     name: str
     generation: int
     groups: int
-    jobs: dict[int, dict[str, Any]]  # group -> its PyTorchJob
+    jobs: dict[int, dict[str, Any]]  # group -> its job (TrainJob or PyTorchJob)
     progress: dict[int, Progress] | None  # group -> its progress.json; None: bucket unreadable
     max_staleness: int
     burn_in: int
@@ -46,20 +46,36 @@ def timestamp(seconds: float | None = None) -> str:
 
 
 def job_phase(job: dict[str, Any] | None) -> tuple[str, str | None]:
-    """A PyTorchJob's phase: Failed/Succeeded anywhere in its conditions win, else the newest."""
+    """A job's phase: Failed/Succeeded anywhere in its conditions win, else the newest."""
     if job is None:
         return "Missing", None
     conditions = (job.get("status") or {}).get("conditions") or []
     true = [c for c in conditions if c.get("status") == "True"]
-    for kind in ("Failed", "Succeeded"):
+    for kind, phase in (("Failed", "Failed"), ("Succeeded", "Succeeded"), ("Complete", "Succeeded")):
         hit = next((c for c in true if c.get("type") == kind), None)
         if hit:
-            return kind, hit.get("message")
+            return phase, hit.get("message")
+    if job.get("kind") == names.TRAINJOB_KIND:
+        return _trainjob_phase(job, true)
     current = [c for c in true if c.get("type") in JOB_PHASES]
     if current:
         return current[-1]["type"], current[-1].get("message")
     if ((job.get("spec") or {}).get("runPolicy") or {}).get("suspend"):
         return "Suspended", None
+    return "Pending", None
+
+
+def _trainjob_phase(job: dict[str, Any], true: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """A TrainJob says only Suspended, Complete or Failed (no Running condition): running is
+    read from its jobsStatus, the counts of its JobSet's Jobs. Active, not ready: JobSet counts a
+    Job ready only once all its pods are (and was seen not to count it while they trained); a
+    pod that cannot start is reported on its own (pod_problem)."""
+    suspended = next((c for c in true if c.get("type") == "Suspended"), None)
+    if suspended or (job.get("spec") or {}).get("suspend"):
+        return "Suspended", suspended.get("message") if suspended else None
+    counts = (job.get("status") or {}).get("jobsStatus") or []
+    if any(c.get("active") for c in counts):
+        return "Running", None
     return "Pending", None
 
 

@@ -39,8 +39,8 @@ class Condition(_Model):
 
 class GroupStatus(_Model):
     group: int = Field(..., description="Group index, 0..groups-1.")
-    job: str = Field(..., description="The group's PyTorchJob.")
-    phase: GroupPhase = Field("Pending", description="From the PyTorchJob's conditions.")
+    job: str = Field(..., description="The group's TrainJob or PyTorchJob.")
+    phase: GroupPhase = Field("Pending", description="From the job's conditions.")
     state: str | None = Field(None, description="The trainer's own state, from progress.json.")
     step: int = Field(0, description="Last step the group reported.")
     steps: int | None = Field(None, description="Steps the group will train.")
@@ -73,6 +73,9 @@ class Applied(_Model):
     fields: dict[str, Any] = Field(
         default_factory=dict,
         description="Values in force of the fields that cannot change under a running job.",
+    )
+    backend: Literal["trainjob", "pytorchjob"] = Field(
+        "pytorchjob", description="The kind of the run's jobs: TrainJob or PyTorchJob."
     )
     burn_in_steps: int = Field(0, description="distillation.burnInSteps in force.")
     max_staleness_steps: int = Field(

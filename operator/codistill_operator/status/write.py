@@ -1,6 +1,6 @@
 """Writing a run's status: one writer per run at a time, only what changed, events on transitions.
 
-The reconciler (Ready, applied generation), PyTorchJob events and the periodic loop all go
+The reconciler (Ready, applied generation), job events and the periodic loop all go
 through `write`, which re-reads the resource under the run's lock, so none of them overwrites
 another's news and each transition is announced once.
 """
@@ -18,6 +18,7 @@ from codistill import names
 from codistill.storage import StorageError
 
 from .. import bucket
+from ..backends import KINDS, JobKind
 from ..errors import MissingSecret
 from ..runtime import State
 from . import observe
@@ -32,6 +33,11 @@ def current(body: dict[str, Any]) -> RunStatus:
         return RunStatus.model_validate(body.get("status") or {})
     except ValidationError:  # edited by hand: start over, the next refresh fills it in
         return RunStatus()
+
+
+def job_kind(status: RunStatus) -> JobKind:
+    """The kind of a run's jobs, as applied (before anything is: PyTorchJob, which lists none)."""
+    return KINDS[status.applied.backend if status.applied else "pytorchjob"]
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +93,7 @@ def _observe(state: State, body: dict[str, Any], old: RunStatus) -> RunStatus | 
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     groups = int(applied.fields.get("groups", 0))
     jobs = {}
-    for job in state.api.list_jobs(namespace, body):
+    for job in state.api.list_jobs(job_kind(old), namespace, body):
         label = job["metadata"].get("labels", {}).get(names.LABEL_GROUP, "")
         if label.isdigit():
             jobs[int(label)] = job
