@@ -82,6 +82,23 @@ build() {
     echo "== $name $version: built in $(( $(date +%s) - start ))s"
 }
 
+# copy_manifests OUT MODULE_DIR MODULE CRDS DIR...: the release's CRDs (folder CRDS of the module)
+# into OUT/manifests/crds and each DIR into OUT/manifests/, so that starting a controller needs
+# only the bin folder, not the module cache. Written whole or not at all (a .tmp folder renamed).
+copy_manifests() {
+    local out=$1 moddir=$2 module=$3 crds=$4
+    shift 4
+    [[ -d $out/manifests ]] && return 0
+    local src
+    src=$(cd "$here/go/$moddir" && go list -m -f '{{.Dir}}' "$module")
+    rm -rf "$out/manifests.tmp"
+    mkdir -p "$out/manifests.tmp"
+    cp -r "$src/$crds" "$out/manifests.tmp/crds"
+    for dir in "$@"; do cp -r "$src/$dir" "$out/manifests.tmp/"; done
+    chmod -R u+w "$out/manifests.tmp"
+    mv "$out/manifests.tmp" "$out/manifests"
+}
+
 mkdir -p "$bin"
 
 # Version stamping the way kubernetes' hack/lib/version.sh does it, so that `kubectl version`
@@ -122,47 +139,24 @@ fi
 jobset_out=$bin/jobset-$jobset_version
 build jobset "$jobset_version" jobset sigs.k8s.io/jobset "-ldflags=-s -w"
 # Its CRD, RBAC and webhook configurations (kustomize bases of the release), as above.
-if [[ ! -d $jobset_out/manifests ]]; then
-    src=$(cd "$here/go/jobset" && go list -m -f '{{.Dir}}' sigs.k8s.io/jobset)
-    rm -rf "$jobset_out/manifests.tmp"
-    mkdir -p "$jobset_out/manifests.tmp"
-    cp -r "$src/config/components/crd/bases" "$jobset_out/manifests.tmp/crds"
-    cp -r "$src/config/components/rbac" "$src/config/components/webhook" \
-        "$src/config/components/manager" "$jobset_out/manifests.tmp/"
-    chmod -R u+w "$jobset_out/manifests.tmp"
-    mv "$jobset_out/manifests.tmp" "$jobset_out/manifests"
-fi
+copy_manifests "$jobset_out" jobset sigs.k8s.io/jobset config/components/crd/bases \
+    config/components/rbac config/components/webhook config/components/manager
 
 trainer_out=$bin/trainer-$trainer_version
 build trainer "$trainer_version" trainer \
     github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager "-ldflags=-s -w"
 # v2.3.0 still ships plain CRDs under manifests/base/crds (the Helm chart's templates/crd is
 # generated from them); its RBAC, webhooks, manager config and the default runtimes, as above.
-if [[ ! -d $trainer_out/manifests ]]; then
-    src=$(cd "$here/go/trainer" && go list -m -f '{{.Dir}}' github.com/kubeflow/trainer/v2)
-    rm -rf "$trainer_out/manifests.tmp"
-    mkdir -p "$trainer_out/manifests.tmp"
-    cp -r "$src/manifests/base/crds" "$src/manifests/base/rbac" "$src/manifests/base/webhook" \
-        "$src/manifests/base/manager" "$src/manifests/base/runtimes" "$trainer_out/manifests.tmp/"
-    chmod -R u+w "$trainer_out/manifests.tmp"
-    mv "$trainer_out/manifests.tmp" "$trainer_out/manifests"
-fi
+copy_manifests "$trainer_out" trainer github.com/kubeflow/trainer/v2 manifests/base/crds \
+    manifests/base/rbac manifests/base/webhook manifests/base/manager manifests/base/runtimes
 
 kueue_out=$bin/kueue-$kueue_version
 # GitVersion stamped as its Makefile does, so that its "Initializing" log line names the release
 build kueue "$kueue_version" kueue sigs.k8s.io/kueue/cmd/kueue \
     "-ldflags=-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$kueue_version"
 # Its CRDs, RBAC and webhook configurations (config/components of the release), as above.
-if [[ ! -d $kueue_out/manifests ]]; then
-    src=$(cd "$here/go/kueue" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
-    rm -rf "$kueue_out/manifests.tmp"
-    mkdir -p "$kueue_out/manifests.tmp"
-    cp -r "$src/config/components/crd/bases" "$kueue_out/manifests.tmp/crds"
-    cp -r "$src/config/components/rbac" "$src/config/components/webhook" \
-        "$src/config/components/manager" "$kueue_out/manifests.tmp/"
-    chmod -R u+w "$kueue_out/manifests.tmp"
-    mv "$kueue_out/manifests.tmp" "$kueue_out/manifests"
-fi
+copy_manifests "$kueue_out" kueue sigs.k8s.io/kueue config/components/crd/bases \
+    config/components/rbac config/components/webhook config/components/manager
 
 # The previous release's TrainJob CRD only. go mod download checks it against the checksum
 # database (GONOSUMDB etc. apply as usual); -mod=readonly does not concern it.

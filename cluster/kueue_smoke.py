@@ -36,6 +36,7 @@ from typing import Callable
 
 from cluster import smoke
 from cluster.controlplane import ControlPlane, Kueue, TrainerV2
+from cluster.trainer_smoke import runtime as torch_runtime
 
 NS = "smoke"
 QUEUE = "user-queue"
@@ -47,7 +48,6 @@ CLUSTER_QUEUE = "cluster-queue"
 QUOTA = {"cpu": "4", "memory": "4Gi"}  # a (2 cpu) + b (1) + c (0.5) fit, d (4) does not
 RUNTIME = "kueue-smoke-torch"
 IMAGE = "codistill/trainer:smoke"
-ANCESTOR = "trainer.kubeflow.org/trainjob-ancestor-step"
 KUEUE_MANAGER = "kueue.x-k8s.io/manager"
 PYTORCH = ("kubeflow.org/v1", "pytorchjobs")
 TRAINJOB = ("trainer.kubeflow.org/v1alpha1", "trainjobs")
@@ -66,17 +66,6 @@ def queue_objects() -> list[dict]:
         {"apiVersion": k, "kind": "LocalQueue", "metadata": {"name": QUEUE, "namespace": NS},
          "spec": {"clusterQueue": CLUSTER_QUEUE}},
     ]
-
-
-def runtime() -> dict:
-    return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
-            "metadata": {"name": RUNTIME, "labels": {"trainer.kubeflow.org/framework": "torch"}},
-            "spec": {"mlPolicy": {"numNodes": 1, "torch": {}},
-                     "template": {"spec": {"replicatedJobs": [{
-                         "name": "node",
-                         "template": {"metadata": {"labels": {ANCESTOR: "trainer"}},
-                                      "spec": {"template": {"spec": {
-                                          "containers": [{"name": "node", "image": IMAGE}]}}}}}]}}}}
 
 
 def requests(cpu: str, memory: str) -> dict:
@@ -332,7 +321,7 @@ def main() -> int:
     try:
         run.mark("control plane with Training Operator, JobSet, Trainer v2 and Kueue", t0)
         cp.kubectl("create", "namespace", NS)
-        for obj in [*queue_objects(), runtime()]:
+        for obj in [*queue_objects(), torch_runtime(RUNTIME)]:
             run.create(obj)
         cq = ("kueue.x-k8s.io/v1beta2", "clusterqueues")
         smoke.wait_for("ClusterQueue Active", lambda: conditions(run.get(cq, CLUSTER_QUEUE, None)).get(

@@ -64,9 +64,10 @@ time.sleep(600)
 """
 
 
-def runtime() -> dict:
+def runtime(name: str = RUNTIME) -> dict:
+    """A torch ClusterTrainingRuntime: one replicated Job `node`, its container `node` (restricted)."""
     return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
-            "metadata": {"name": RUNTIME, "labels": {"trainer.kubeflow.org/framework": "torch"}},
+            "metadata": {"name": name, "labels": {"trainer.kubeflow.org/framework": "torch"}},
             "spec": {"mlPolicy": {"numNodes": 1, "torch": {}},
                      "template": {"spec": {"replicatedJobs": [{
                          "name": "node",
