@@ -23,6 +23,7 @@ cache=${CLUSTER_CACHE:-$root/.cache/cluster}
 bin=$cache/bin
 
 export GOMODCACHE=${GOMODCACHE:-$cache/go/mod}
+own_gocache=${GOCACHE:-yes}  # a GOCACHE from the environment is the user's: never emptied here
 export GOCACHE=${GOCACHE:-$cache/go/build}
 # -modcacherw: the module cache can be deleted with rm -rf. -mod=readonly: go.mod/go.sum are
 # never rewritten by a build; a missing go.sum line is an error, not a silent download.
@@ -71,6 +72,8 @@ build() {
         return 0
     fi
     echo "== $name $version: building $pkg"
+    [[ $moddir == "$last_moddir" ]] || trim_cache
+    last_moddir=$moddir
     local start tmp
     start=$(date +%s)
     tmp=$(mktemp -d "$bin/.tmp-$name.XXXXXX")
@@ -81,6 +84,15 @@ build() {
     mv "$tmp" "$out"
     echo "== $name $version: built in $(( $(date +%s) - start ))s"
 }
+
+# trim_cache: empty the build cache once a module's binaries are built (build calls it when the
+# module changes; once more at the end). Each module pins its own k8s.io and controller-runtime
+# versions, so one module's compiled packages are of little use to the next, and all of them kept
+# (5.7 GB, beside 2 GB of module sources) ran a CI machine's disk full in the last build.
+trim_cache() {
+    if [[ $own_gocache == yes && -d $GOCACHE ]]; then go clean -cache; fi
+}
+last_moddir=
 
 # copy_manifests OUT MODULE_DIR MODULE CRDS DIR...: the release's CRDs (folder CRDS of the module)
 # into OUT/manifests/crds and each DIR into OUT/manifests/, so that starting a controller needs
@@ -172,4 +184,5 @@ if [[ ! -f $prev_out/trainer.kubeflow.org_trainjobs.yaml ]]; then
     mv "$prev_out.tmp" "$prev_out"
 fi
 
+trim_cache
 echo "== all built in $(( $(date +%s) - total_start ))s; binaries under $bin"

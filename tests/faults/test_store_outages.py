@@ -26,6 +26,7 @@ import s3fs
 from tests.support.faultlog import FaultLog
 from tests.support.faultproxy import FaultProxy, MotoProcess
 from tests.support.faultrun import FaultRun
+from tests.support.kube import wait_for
 from tests.support.s3 import S3_KEY, S3_SECRET
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -36,7 +37,7 @@ MODEL = {"seq_len": 64, "embed": 64, "hidden": 256}
 STEPS, CHECKPOINT = 1500, 100
 END_STEPS = 600  # the outage over the end of training needs no long run
 OUTAGE_S = 6.0
-MAX_STALENESS = 200  # steps: tests/support/localrun.manifest's maxStalenessSteps
+MAX_STALENESS = 2 * CHECKPOINT  # steps: FaultRun's maxStalenessSteps
 
 
 @dataclass
@@ -93,15 +94,17 @@ def held(run: FaultRun) -> None:
 
 def trained_through(run: FaultRun, began: float, ended: float) -> int:
     """Steps group 0 trained during the outage; both groups must have trained on through it and
-    be distilling from fresh teachers again by the end (they trained on well after it)."""
+    distilled from fresh teachers again after it. (Not necessarily up to the last step: on a
+    loaded machine the group ahead may finish too far ahead of its peer to have a fresh teacher.)
+    """
     during = {}
     for g in (0, 1):
-        p = run.progress(g)
-        during[g] = [h["step"] for h in p.history if began < h.get("time", 0) < ended]
-        after = [h for h in p.history if h.get("time", 0) > ended]
-        assert during[g] and after, (g, began, ended)
-        assert p.distill_loss is not None and p.teachers, p  # distilling at the last step
-        assert max(p.staleness.values()) <= MAX_STALENESS, p.staleness
+        history = run.progress(g).history
+        during[g] = [h["step"] for h in history if began < h.get("time", 0) < ended]
+        distilled = [h for h in history if h.get("time", 0) > ended
+                     and h.get("distillLoss") is not None
+                     and (h.get("staleness") or 0) <= MAX_STALENESS]
+        assert during[g] and distilled, (g, began, ended, history[-5:])
     return max(during[0]) - min(during[0])
 
 
@@ -133,17 +136,24 @@ def test_training_rides_out_an_outage_and_status_names_the_store(
 
 def test_an_outage_over_the_end_of_training_waits_for_the_final_publish(
         store: Store, tmp_path: Path, fault_log: FaultLog) -> None:
-    """The store refuses from just before the last step until after it: the final teacher and
-    state are retried until they land, and only then is final.json written (D3)."""
-    run = store.run(tmp_path, "outage-end", END_STEPS, model=None)
+    """The store refuses from before the last step until both groups have trained their last
+    step, and OUTAGE_S more: the final teacher and state are retried until they land, and only
+    then is final.json written (D3). The outage ends on what the groups logged, not on a clock,
+    so that it spans the end however fast or loaded the machine is."""
+    run = store.run(tmp_path, "outage-end", END_STEPS)
     run.start()
-    run.wait_step(0, END_STEPS - 100)
+    run.wait_step(0, CHECKPOINT)
     store.proxy.set("refuse")
+    began = time.monotonic()
     try:
-        time.sleep(OUTAGE_S + 4)
+        finishing = f"trained {END_STEPS} steps; publishing the final teacher and state"
+        wait_for(lambda: all(finishing in run.worker_log(g) for g in (0, 1))
+                 or run.proc.poll() is not None, "both groups at their last step", 240)
+        time.sleep(OUTAGE_S)
         assert run.proc.poll() is None, run.output()[-3000:]  # still waiting to publish
     finally:
         store.proxy.set("pass")
+        lasted = time.monotonic() - began
     held(run)
-    fault_log(f"store refused for {OUTAGE_S + 4:.0f} s over the end", 1, 0,
+    fault_log(f"store refused for {lasted:.0f} s over the end", 1, 0,
               "final publish retried until it landed; report over the final models")

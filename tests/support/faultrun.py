@@ -18,9 +18,15 @@ from .kube import wait_for
 from .localrun import manifest
 
 # Two uninterrupted runs of the same manifest differ by up to about 0.05 nats in a group's final
-# eval loss on a loaded 2-core machine: when each teacher arrives depends on timing. A model that
-# is broken, or an older one reported as final, is off by far more.
+# eval loss on a 2-core machine: when each teacher arrives depends on timing. A model that is
+# broken, or an older one reported as final, is off by far more.
 NOISE = 0.1
+# How far behind a teacher may be (localrun's manifest allows 200 steps). On a loaded machine one
+# group can run 100+ steps ahead of the other, and in these short runs (the loss still falls fast)
+# distilling toward a teacher that old made the group ahead 0.13 nats worse than in a run where
+# the groups kept pace. Two checkpoints' worth keeps that timing out of the comparison: a group
+# far ahead trains on without a teacher instead.
+STALENESS_CHECKPOINTS = 2
 
 
 class FaultRun:
@@ -33,16 +39,17 @@ class FaultRun:
     def __init__(self, tmp: Path, name: str, steps: int, checkpoint: int = 50,
                  storage: dict[str, str] | None = None, read_endpoint: str | None = None,
                  env: dict[str, str] | None = None, model: dict[str, int] | None = None):
-        self.tmp, self.steps, self.checkpoint, self.env = tmp, steps, checkpoint, env or {}
+        self.tmp, self.name, self.steps, self.checkpoint = tmp, name, steps, checkpoint
+        self.env = env or {}
         training = {"steps": steps, "batchSize": 8, "evalEverySteps": steps // 2,
                     "evalBatches": 2, "checkpointEverySteps": checkpoint,
                     "optimizer": {"lr": 0.01}}
         extra = {"storage": storage} if storage else {}
         self.manifest = manifest(tmp, name, workersPerGroup=1, training=training, **extra)
-        if model:
-            doc = yaml.safe_load(self.manifest.read_text())
-            doc["spec"]["task"]["args"].update(model)
-            self.manifest.write_text(yaml.safe_dump(doc))
+        doc = yaml.safe_load(self.manifest.read_text())
+        doc["spec"]["task"]["args"].update(model or {})
+        doc["spec"]["distillation"]["maxStalenessSteps"] = STALENESS_CHECKPOINTS * checkpoint
+        self.manifest.write_text(yaml.safe_dump(doc))
         base = (storage or {}).get("url") or (tmp / "runs").resolve().as_uri()
         self.url = names.run_url(base, "default", name)
         keys = {k: v for k, v in self.env.items() if k in (names.ENV_ACCESS_KEY, names.ENV_SECRET_KEY)}
@@ -70,6 +77,11 @@ class FaultRun:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def worker_log(self, group: int) -> str:
+        """What the group's rank 0 logged so far ('' before it started)."""
+        logs = sorted(self.tmp.glob(f".codistill/logs/*/{self.name}-g{group}-*-0.log"))
+        return logs[0].read_text(errors="replace") if logs else ""
 
     def progress(self, group: int) -> Progress | None:
         try:

@@ -356,6 +356,9 @@ class Loop:
         if self.w.rank == 0:
             if self.submitted != steps:  # groups: 1 publishes only its final model (for the report)
                 self.publish(steps)
+            # Said before the wait, so a log that ends here shows what the group is waiting for.
+            log.info("group %d: trained %d steps; publishing the final teacher and state "
+                     "(retried for up to %.0f s)", self.w.group, steps, FINAL_TIMEOUT_S)
             self.uploader.flush(FINAL_TIMEOUT_S)  # failed publishes are retried meanwhile
             self._check_final(steps)
             self.progress.state = "finished"
