@@ -80,7 +80,7 @@ images:
 # bench/results/<name>.json and .png. `bench` takes about an hour on 2 cores; `bench-quick` is a
 # reduced version (under 15 minutes) writing to bench/results/quick/. They print figures and assert
 # nothing.
-BENCHES := steps_to_target churn overhead exchange_io operator_load
+BENCHES := steps_to_target churn overhead exchange_io requests operator_load
 .PHONY: bench bench-quick
 bench: data
 	set -e; for b in $(BENCHES); do $(PY) -m bench.$$b; done

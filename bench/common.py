@@ -19,8 +19,10 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +110,61 @@ class Bench:
         fig.savefig(out / f"{self.name}.png", dpi=90)
         print(f"wrote {path} and {self.name}.png ({full['provenance']['wall_s']} s)")
         return path
+
+
+class CountingBucket(Bucket):
+    """A Bucket that counts its calls by kind (`calls`; get_json and put_json count as get and
+    put), and the bytes written and read under each group's teacher channel by blob suffix
+    (`sent`, `received`)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.calls: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _count(self, kind: str) -> None:
+        with self._lock:
+            self.calls[kind] += 1  # before the call: a request is made, found or not
+
+    def _moved(self, moved: Counter[str], rel: str, size: int) -> None:
+        if "/teacher/" in rel:
+            with self._lock:
+                moved[rel.rsplit("/", 1)[-1].split(".")[-1]] += size
+
+    def get(self, rel: str, limit: int | None = None) -> bytes:
+        self._count("get")
+        data = super().get(rel, limit)
+        self._moved(self.received, rel, len(data))
+        return data
+
+    def put(self, rel: str, data: bytes) -> None:
+        self._count("put")
+        super().put(rel, data)
+        self._moved(self.sent, rel, len(data))
+
+    def size(self, rel: str) -> int:
+        self._count("size")
+        return super().size(rel)
+
+    def exists(self, rel: str) -> bool:
+        self._count("exists")
+        return super().exists(rel)
+
+    def ls(self, rel: str) -> list[str]:
+        self._count("ls")
+        return super().ls(rel)
+
+    def rm(self, rel: str) -> None:
+        self._count("rm")
+        super().rm(rel)
+
+    def taken(self) -> dict[str, int]:
+        """The calls counted since the last call, reset."""
+        with self._lock:
+            found, self.calls = dict(self.calls), Counter()
+        return found
 
 
 @contextmanager

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,29 +89,6 @@ def measure_store(bucket: Bucket, sizes: list[int], repeats: int) -> dict[str, A
     return found
 
 
-class CountingBucket(Bucket):
-    """A Bucket that counts the bytes written and read under each group's teacher channel."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self.sent: Counter[str] = Counter()
-        self.received: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def put(self, rel: str, data: bytes) -> None:
-        super().put(rel, data)
-        if "/teacher/" in rel:
-            with self._lock:
-                self.sent[rel.rsplit("/", 1)[-1].split(".")[-1]] += len(data)
-
-    def get(self, rel: str) -> bytes:
-        data = super().get(rel)
-        if "/teacher/" in rel:
-            with self._lock:
-                self.received[rel.rsplit("/", 1)[-1].split(".")[-1]] += len(data)
-        return data
-
-
 def cross_group(groups: int, steps: int) -> dict[str, Any]:
     """Teacher bytes each group writes and reads per step in a real run, against ring all-reduce
     of the same model across the G groups."""
@@ -123,10 +98,10 @@ def cross_group(groups: int, steps: int) -> dict[str, Any]:
                 "distillation": {"exchangeEverySteps": EXCHANGE, "reloadEverySteps": EXCHANGE,
                                  "maxStalenessSteps": 4 * EXCHANGE,
                                  "pollIntervalSeconds": sim.PARKED}}
-    counted: list[CountingBucket] = []
+    counted: list[common.CountingBucket] = []
 
     def make(url: str) -> Bucket:
-        counted.append(CountingBucket(url))
+        counted.append(common.CountingBucket(url))
         return counted[-1]
 
     sim.run(sim.Job(f"bytes-g{groups}", spec_doc, steps, (16, 1)), make)

@@ -83,7 +83,7 @@ def loops(run: spec.Codistillation, bucket: Bucket,
     finally:
         for loop in built:
             if loop.teachers:
-                loop.teachers.poller.stop()
+                loop.teachers.stop()
             loop.uploader.close()
 
 
@@ -94,7 +94,7 @@ def boundary(group_loops: Sequence[train.Loop], done: int) -> None:
     if len(group_loops) > 1 and done % reload == 0:
         for loop in group_loops:
             loop.uploader.flush()
-        for loop in group_loops:
+        for loop in group_loops:  # each a group's rank 0: it has the poller
             loop.teachers.poller.poll_once()
     for loop in group_loops:
         loop.after_step(done)

@@ -10,14 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import churn, common, exchange_io, operator_load, overhead, sim, steps_to_target
+from bench import (
+    churn,
+    common,
+    exchange_io,
+    operator_load,
+    overhead,
+    requests,
+    sim,
+    steps_to_target,
+)
 from tests.support.datafixtures import make_tiny_data
 
 ROOT = Path(__file__).resolve().parents[2]
 
 SCHEMAS = {"steps_to_target": steps_to_target.SCHEMA, "churn": churn.SCHEMA,
            "overhead": overhead.SCHEMA, "exchange_io": exchange_io.SCHEMA,
-           "operator_load": operator_load.SCHEMA}
+           "operator_load": operator_load.SCHEMA, "requests": requests.SCHEMA}
 
 
 def test_steps_to_target_interpolates_the_first_crossing():
@@ -119,15 +128,31 @@ def test_lockstep_codistillation_is_deterministic_and_distills(tmp_path):
     assert c.curves[0][1] == a.curves[0][1] and c.curves[0][2] != a.curves[0][2]
 
 
-def test_counting_bucket_counts_only_teacher_traffic(tmp_path):
-    bucket = exchange_io.CountingBucket((tmp_path / "b").as_uri())
+def test_counting_bucket_counts_calls_and_teacher_bytes(tmp_path):
+    bucket = common.CountingBucket((tmp_path / "b").as_uri())
     bucket.put("groups/0/teacher/4.safetensors", b"x" * 100)
     bucket.put("groups/0/teacher/LATEST.json", b"{}")
     bucket.put("groups/0/progress.json", b"y" * 50)
-    assert bucket.get("groups/0/teacher/4.safetensors") == b"x" * 100
+    assert bucket.get("groups/0/teacher/4.safetensors", limit=101) == b"x" * 100
     bucket.get("groups/0/progress.json")
+    assert bucket.get_json("groups/1/progress.json") is None  # a request all the same
     assert bucket.sent == {"safetensors": 100, "json": 2}
     assert bucket.received == {"safetensors": 100}
+    assert bucket.taken() == {"put": 3, "get": 3} and bucket.taken() == {}
+
+
+def test_request_rates_follow_the_counted_calls():
+    """One pointer read per peer per poll, a HEAD and a GET per new version: what the real
+    poller does, counted. Rank 0 alone polling keeps 64 groups within one S3 prefix's GETs;
+    every rank polling (8 a group) did not."""
+    counts = requests.counted(peers=3, rounds=4)
+    assert counts["poll"] == {"get": 1.0} and counts["fetch"] == {"get": 1.0, "size": 1.0}
+    assert counts["publish"]["put"] == 2.0  # the blob, then its pointer
+    g64 = requests.rates(counts, 64, ranks=8, step_s=1.0)
+    assert g64["get_per_s"] < requests.S3_GET_PER_S < g64["get_per_s_every_rank"]
+    assert g64["put_per_s"] < requests.S3_PUT_PER_S
+    pointer_reads = 64 * 63 / g64["poll_interval_s"]
+    assert pointer_reads == pytest.approx(2750)  # the floor poll_interval set
 
 
 def test_overhead_parts_add_up_to_the_iteration():

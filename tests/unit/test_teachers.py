@@ -8,7 +8,13 @@ from torch import nn
 from codistill.storage import Bucket
 from codistill_trainer.exchange import teacher_channel, weights_to_bytes
 from codistill_trainer.shards import bounds, generator, shard_of
-from codistill_trainer.teachers import PeerPoller, Teachers, sample
+from codistill_trainer.teachers import (
+    POINTER_READS_PER_S,
+    PeerPoller,
+    Teachers,
+    poll_interval,
+    sample,
+)
 from codistill_trainer.uploader import Uploader
 
 
@@ -63,7 +69,7 @@ def teacher_at_50(tmp_path, max_staleness: int) -> tuple[Bucket, PeerPoller, Tea
     publish(bucket, 1, 50, 0.5)
     poller = PeerPoller(bucket, [1])
     poller.poll_once()
-    teachers = Teachers(TinyTask(), poller, max_staleness=max_staleness)
+    teachers = Teachers(TinyTask(), [1], poller, max_staleness=max_staleness)
     teachers.refresh()
     return bucket, poller, teachers
 
@@ -180,7 +186,7 @@ def test_pointer_step_out_of_range_refused(tmp_path):
     publish(bucket, 1, 50, 0.5)
     poller = PeerPoller(bucket, [1], max_step=1000)
     poller.poll_once()
-    teachers = Teachers(TinyTask(), poller, max_staleness=100)
+    teachers = Teachers(TinyTask(), [1], poller, max_staleness=100)
     teachers.refresh()
     assert teachers.steps == {1: 50}
     for step in (10**19, 10**15, 1001, -5):  # past int64, huge, past training.steps, negative
@@ -204,7 +210,7 @@ def test_pointer_step_past_int64_refused_without_max_step(tmp_path):
     poller = PeerPoller(bucket, [1])
     poller.poll_once()
     assert poller.newest() == {1: -1} and "outside" in poller.warnings[1]
-    Teachers(TinyTask(), poller, max_staleness=100).refresh()  # would raise OverflowError
+    Teachers(TinyTask(), [1], poller, max_staleness=100).refresh()  # would raise OverflowError
 
 
 def test_bf16_teachers_take_half_the_memory_and_accept_fp32_weights(tmp_path):
@@ -216,7 +222,7 @@ def test_bf16_teachers_take_half_the_memory_and_accept_fp32_weights(tmp_path):
     for dtype in (torch.float32, torch.bfloat16):
         poller = PeerPoller(bucket, [1])
         poller.poll_once()
-        teachers = Teachers(TinyTask(), poller, max_staleness=100, dtype=dtype)
+        teachers = Teachers(TinyTask(), [1], poller, max_staleness=100, dtype=dtype)
         teachers.refresh()
         assert teachers.steps == {1: 50} and 1 not in teachers.warnings
         model = teachers.models[1]
@@ -224,3 +230,48 @@ def test_bf16_teachers_take_half_the_memory_and_accept_fp32_weights(tmp_path):
         assert torch.equal(model.fc.weight.float(), torch.full((2, 3), 0.5))
         held[dtype] = sum(p.numel() * p.element_size() for p in model.parameters())
     assert held[torch.bfloat16] * 2 == held[torch.float32]
+
+
+def _rank_refreshes(rank: int, root: str, seen: "torch.multiprocessing.SimpleQueue") -> None:
+    """One rank of a group of 2 (gloo): only rank 0 polls the bucket; both refresh."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank,
+                            world_size=2)
+    try:
+        bucket = Bucket(f"file://{root}/bucket")
+        poller = PeerPoller(bucket, [1]) if rank == 0 else None
+        teachers = Teachers(TinyTask(), [1], poller, max_staleness=100)
+        loaded = []
+        for step, value in ((50, 0.5), (100, float("nan"))):  # the second is refused
+            if rank == 0:
+                publish(bucket, 1, step, value)
+                poller.poll_once()
+            teachers.refresh()
+            weight = teachers.models[1].fc.weight
+            loaded.append((teachers.steps[1], weight.sum().item()))
+        seen.put((rank, loaded, sorted(teachers.all_warnings())))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_0_alone_reads_the_bucket_and_sends_every_rank_the_same_teacher(tmp_path):
+    """Real torch.distributed processes: rank 1 has no poller (no bucket reads) and gets the
+    weights rank 0 verified; a version rank 0's poller refused reaches neither."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    seen = ctx.SimpleQueue()
+    mp.start_processes(_rank_refreshes, args=(str(tmp_path), seen), nprocs=2, start_method="spawn")
+    results = dict((rank, (loaded, warnings)) for rank, loaded, warnings in
+                   (seen.get() for _ in range(2)))
+    assert results[0][0] == results[1][0] == [(50, 3.0), (50, 3.0)]  # 2x3 weights of 0.5
+    assert any("non-finite" in w for w in results[0][1]) and results[1][1] == []
+
+
+def test_poll_interval_keeps_the_runs_pointer_reads_within_one_s3_prefix():
+    assert poll_interval(1.0, 2) == 1.0 and poll_interval(0.05, 8) == 0.05  # small runs: as asked
+    for groups in (54, 64, 128, 512):
+        interval = poll_interval(1.0, groups)
+        assert groups * (groups - 1) / interval <= POINTER_READS_PER_S
+    assert poll_interval(1.0, 64) > 1.0 and poll_interval(10.0, 64) == 10.0

@@ -2,10 +2,13 @@
 
 Each one must be called on every rank of the group at the same point of the loop, or the group
 deadlocks; keeping them here makes them easy to find. In a single process (groups of one rank,
-tests) each is the identity.
+tests) each is the identity. On a GPU the process group has both backends (worker.py): NCCL for
+CUDA tensors, gloo for the small CPU ones (steps, RNG states).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -23,9 +26,33 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.
     return t
 
 
-def min_int(values: list[int]) -> list[int]:
-    """The smallest of each value over the ranks: what every rank of the group has."""
-    return all_reduce(torch.tensor(values, dtype=torch.int64), dist.ReduceOp.MIN).tolist()
+def from_rank0(values: list[int]) -> list[int]:
+    """Rank 0's values, on every rank."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if world() > 1:
+        dist.broadcast(t, src=0)
+    return t.tolist()
+
+
+def tensors_from_rank0(
+    tensors: Mapping[str, torch.Tensor] | None,
+    like: Mapping[str, tuple[torch.dtype, torch.Size]],
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Rank 0's `tensors`, on `device` on every rank: rank 0 passes them (keyed as `like`), the
+    other ranks None, and receive into tensors of `like`'s dtypes and shapes. One broadcast per
+    tensor, in key order, so every rank sends or receives the same sequence."""
+    found = {}
+    for key in sorted(like):
+        dtype, shape = like[key]
+        if tensors is not None:
+            t = tensors[key].to(device)
+        else:
+            t = torch.empty(shape, dtype=dtype, device=device)
+        if world() > 1:
+            dist.broadcast(t, src=0)
+        found[key] = t
+    return found
 
 
 def gather(t: torch.Tensor) -> list[torch.Tensor]:

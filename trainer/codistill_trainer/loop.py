@@ -30,7 +30,7 @@ from .progress import ProgressMeter
 from .shards import shard_of
 from .tasks import resolve
 from .tasks.base import Batch, Task
-from .teachers import PeerPoller, Teachers, sample
+from .teachers import POINTER_READS_PER_S, PeerPoller, Teachers, poll_interval, sample
 from .uploader import Uploader
 
 log = logging.getLogger(__name__)
@@ -188,12 +188,20 @@ class Loop:
         peers = [g for g in range(self.spec.groups) if g != self.w.group]
         if not peers:
             return None
-        poller = PeerPoller(
-            self.w.bucket, peers, self.spec.distillation.poll_interval_seconds,
-            max_step=self.spec.training.steps,  # a peer's pointer beyond it is refused (D9)
-        ).start()
-        return Teachers(self.task, poller, self.spec.distillation.max_staleness_steps, self.w.device,
-                        PRECISIONS[self.spec.training.precision])
+        poller = None
+        if self.w.rank == 0:  # the other ranks get their teachers from rank 0 (teachers.py)
+            asked = self.spec.distillation.poll_interval_seconds
+            interval = poll_interval(asked, self.spec.groups)
+            if interval > asked:
+                log.info("group %d: polling peers every %.1f s, not %.1f s: %d groups polling "
+                         "faster would read more than %d pointers a second", self.w.group,
+                         interval, asked, self.spec.groups, POINTER_READS_PER_S)
+            poller = PeerPoller(
+                self.w.bucket, peers, interval,
+                max_step=self.spec.training.steps,  # a peer's pointer beyond it is refused (D9)
+            ).start()
+        return Teachers(self.task, peers, poller, self.spec.distillation.max_staleness_steps,
+                        self.w.device, PRECISIONS[self.spec.training.precision])
 
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast for the forward passes when training.precision asks for it; the
@@ -319,7 +327,7 @@ class Loop:
     def warnings(self) -> list[str]:
         found = list(self.uploader.errors.values())
         if self.teachers:
-            found += list(self.teachers.warnings.values()) + list(self.teachers.poller.warnings.values())
+            found += self.teachers.all_warnings()
         return found
 
     def report_progress(self) -> None:
@@ -347,7 +355,7 @@ class Loop:
             raise
         finally:
             if self.teachers:
-                self.teachers.poller.stop()
+                self.teachers.stop()
         self.finish()
 
     def finish(self) -> None:

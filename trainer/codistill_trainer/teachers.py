@@ -1,9 +1,11 @@
 """The teachers: stale copies of the peer groups' models, tolerant of missing or broken ones.
 
-A background poller watches each peer's teacher channel, and fetches, verifies and decodes every
-new blob off the training thread. At a reload boundary the ranks of a group agree (all-reduce MIN)
-on the newest version every rank already holds, and swap it in together, so every rank of a group
-distills from the same teacher. A peer that is missing, late, stale or corrupt is left out (or
+On rank 0 of each group only, a background poller watches each peer's teacher channel, and
+fetches, verifies and decodes every new blob off the training thread. At a reload boundary rank 0
+tells the other ranks which versions it holds and broadcasts their weights, and all ranks swap
+them in together, so every rank of a group distills from the same teacher, and the bucket sees
+one reader per group instead of one per rank (64 groups of 8 ranks polling every second would be
+32,256 pointer reads a second, 6x what one S3 prefix serves; see BENCHMARKS.md). A peer that is missing, late, stale or corrupt is left out (or
 keeps its last good version) and the reason is kept for progress and status.
 """
 
@@ -26,6 +28,18 @@ from .tasks.base import Batch, Task
 log = logging.getLogger(__name__)
 NONE = -1  # "no version" in the agreement tensor
 INT64_MAX = 2**63 - 1  # the agreement tensor is int64: a larger step cannot even be all-reduced
+
+# Pointer reads a second the whole run may make: half of what one S3 prefix serves (5,500 GET/s),
+# the rest left to blob fetches, status and the operator. Every group's poller reads each peer's
+# pointer once per poll, so G groups read G(G-1) pointers per poll interval.
+POINTER_READS_PER_S = 2750
+
+
+def poll_interval(asked: float, groups: int) -> float:
+    """pollIntervalSeconds, raised where the run's pointer reads would pass POINTER_READS_PER_S
+    (from 54 groups at the default 1 s; 128 groups poll every 5.9 s)."""
+    return max(asked, groups * (groups - 1) / POINTER_READS_PER_S)
+
 
 # What a model's state_dict looks like: each entry's dtype and shape.
 Layout = dict[str, tuple[torch.dtype, torch.Size]]
@@ -129,9 +143,14 @@ class PeerPoller:
         self.warnings[peer] = f"peer {peer}: {reason}; keeping last good teacher"
         log.warning("%s", self.warnings[peer])
 
-    def newest(self) -> dict[int, int]:
+    def snapshot(self) -> dict[int, tuple[int, dict[str, torch.Tensor]]]:
+        """Each peer's newest verified version, as (step, weights), taken in one go."""
         with self._lock:
-            return {p: max(v, default=NONE) for p, v in self._versions.items()}
+            return {p: (max(v), v[max(v)]) for p, v in self._versions.items() if v}
+
+    def newest(self) -> dict[int, int]:
+        held = self.snapshot()
+        return {p: held[p][0] if p in held else NONE for p in self.channels}
 
     def get(self, peer: int, step: int) -> dict[str, torch.Tensor] | None:
         with self._lock:
@@ -142,37 +161,42 @@ class Teachers:
     """The peer models this group distills from, in eval mode and never trained."""
 
     def __init__(
-        self, task: Task, poller: PeerPoller, max_staleness: int, device: torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        self, task: Task, peers: Sequence[int], poller: PeerPoller | None, max_staleness: int,
+        device: torch.device | None = None, dtype: torch.dtype = torch.float32,
     ):
-        """`dtype` is what the teachers are held in (bfloat16 halves their memory); what peers
+        """`poller` is rank 0's (None on the other ranks, which get their teachers from it).
+        `dtype` is what the teachers are held in (bfloat16 halves their memory); what peers
         publish is checked against the task model's own float32 layout all the same."""
         self.task, self.poller, self.max_staleness = task, poller, max_staleness
         self.device, self.dtype = device or torch.device("cpu"), dtype
-        self.peers = sorted(poller.channels)
+        self.peers = sorted(peers)
         self.models: dict[int, nn.Module] = {}
         self.steps: dict[int, int] = {}
         self.warnings: dict[int, str] = {}
         self._refused: dict[int, int] = {}  # a step refused by _load, per peer: not retried
-        if poller.expected is None:  # so the poller thread refuses wrong dtypes before they get here
-            poller.expected = layout(task.model().state_dict())
-        self.expected = poller.expected  # its own: _load checks again whatever the poller did
+        self.expected = layout(task.model().state_dict())  # _load checks whatever the poller did
+        if poller is not None and poller.expected is None:  # refused in its thread already
+            poller.expected = self.expected
 
     def refresh(self) -> None:
-        """Swap in newer peer versions, on every rank together (a collective: call on all ranks)."""
-        newest = self.poller.newest()
-        agreed = dist.min_int([newest[p] for p in self.peers])
-        loaded: dict[int, dict[str, torch.Tensor]] = {}
-        for peer, step in zip(self.peers, agreed):
-            if step != NONE and step > self.steps.get(peer, NONE) and self._refused.get(peer) != step:
-                weights = self.poller.get(peer, step)
-                if weights is not None:
-                    loaded[peer] = weights
-        # Swap only what every rank holds, so the ranks of a group never disagree.
-        have = dist.min_int([int(p in loaded) for p in self.peers])
-        for peer, ok, step in zip(self.peers, have, agreed):
-            if ok:
-                self._load(peer, step, loaded[peer])
+        """Swap in rank 0's newer peer versions on every rank together (a collective: call on
+        all ranks). Every rank decides the same: `steps` and `_refused` agree on all of them."""
+        held = self.poller.snapshot() if self.poller is not None else {}
+        newest = dist.from_rank0([held[p][0] if p in held else NONE for p in self.peers])
+        for peer, step in zip(self.peers, newest):
+            if step == NONE or step <= self.steps.get(peer, NONE) or self._refused.get(peer) == step:
+                continue
+            sent = held[peer][1] if peer in held else None
+            self._load(peer, step, dist.tensors_from_rank0(sent, self.expected, self.device))
+
+    def all_warnings(self) -> list[str]:
+        """Why a teacher is missing, old or refused: this object's, then its poller's."""
+        polled = self.poller.warnings.values() if self.poller is not None else ()
+        return [*self.warnings.values(), *polled]
+
+    def stop(self) -> None:
+        if self.poller is not None:
+            self.poller.stop()
 
     def _load(self, peer: int, step: int, weights: dict[str, torch.Tensor]) -> None:
         if peer in self.models:

@@ -110,7 +110,9 @@ def main() -> None:
     device = _device()
     _limit_threads()
     if world > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # NCCL carries only CUDA tensors; the steps and RNG states the ranks agree on are CPU
+        # tensors, which need gloo beside it.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=run.spec.training.rendezvous_timeout_seconds)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     try:
