@@ -39,11 +39,25 @@ def pointer(step: int, key: str, data: bytes) -> dict:
             "bytes": len(data), "time": time.time(), "previous": []}
 
 
+def committed(channel: Path) -> tuple[str, bytes]:
+    """The name and bytes of the blob the channel's pointer names. The group goes on publishing
+    and pruning meanwhile (every 10 steps): a blob pruned between the two reads is read again
+    from the next pointer."""
+    def read() -> tuple[str, bytes] | None:
+        try:
+            key = json.loads((channel / names.POINTER).read_text())["key"]
+            return key, (channel / key).read_bytes()
+        except (FileNotFoundError, ValueError):  # pruned, or the pointer mid-rename
+            return None
+
+    return wait_for(read, f"a committed blob in {channel}", 30)
+
+
 def hostile_objects(channel: Path, own: Path) -> list[Callable[[], None]]:
     """Writers of one hostile object each into the peer's teacher `channel`, built from a real
     blob there (so sha256 and sizes are right and only the hostile part is wrong); `own` is the
     attacked group's own teacher channel, which a path in a pointer must never reach."""
-    real = max(channel.glob("*.safetensors"), key=lambda p: p.stat().st_mtime).read_bytes()
+    real = committed(channel)[1]
     weights = st_load(real)
     latest = channel / names.POINTER
 
@@ -52,7 +66,7 @@ def hostile_objects(channel: Path, own: Path) -> list[Callable[[], None]]:
         (channel / f"{step}.safetensors").write_bytes(data)
         return lambda: latest.write_text(json.dumps(pointer(step, f"{step}.safetensors", data)))
 
-    mine = max(own.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    mine, mine_bytes = committed(own)
     first, *_ = weights
     writers = [
         blob(NAN, {k: torch.full_like(v, math.nan) for k, v in weights.items()}),
@@ -61,7 +75,7 @@ def hostile_objects(channel: Path, own: Path) -> list[Callable[[], None]]:
     ]
     (channel / f"{SIZE_LIE}.safetensors").write_bytes(real + b"\0" * 2**20)
     lie = pointer(SIZE_LIE, f"{SIZE_LIE}.safetensors", real)  # says the size of `real`
-    traversal = pointer(10, f"../../0/teacher/{mine.name}", mine.read_bytes())
+    traversal = pointer(10, f"../../0/teacher/{mine}", mine_bytes)
     for doc in (lie, traversal, pointer(10**19, "10.safetensors", real),
                 pointer(10**15, "10.safetensors", real), {**pointer(10, "10.safetensors", real),
                                                           "previous": 5}):
