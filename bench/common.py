@@ -23,10 +23,10 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from matplotlib.figure import Figure
 
@@ -113,8 +113,8 @@ class Bench:
 
 
 class CountingBucket(Bucket):
-    """A Bucket that counts its calls by kind (`calls`; get_json and put_json count as get and
-    put), and the bytes written and read under each group's teacher channel by blob suffix
+    """A Bucket that counts its calls by kind (`calls`; get_json, read_into and put_json count as
+    get and put), and the bytes written and read under each group's teacher channel by blob suffix
     (`sent`, `received`)."""
 
     def __init__(self, url: str) -> None:
@@ -139,10 +139,23 @@ class CountingBucket(Bucket):
         self._moved(self.received, rel, len(data))
         return data
 
-    def put(self, rel: str, data: bytes) -> None:
-        self._count("put")
-        super().put(rel, data)
-        self._moved(self.sent, rel, len(data))
+    def read_into(self, rel: str, buf: bytearray) -> int:
+        self._count("get")
+        got = super().read_into(rel, buf)
+        self._moved(self.received, rel, min(got, len(buf)))
+        return got
+
+    def put_stream(self, rel: str, write: Callable[[BinaryIO], Any]) -> None:
+        self._count("put")  # put() streams too
+        sizes: list[int] = []
+
+        def counted(f: BinaryIO) -> None:
+            start = f.tell()
+            write(f)
+            sizes.append(f.tell() - start)
+
+        super().put_stream(rel, counted)
+        self._moved(self.sent, rel, sizes[-1])
 
     def size(self, rel: str) -> int:
         self._count("size")

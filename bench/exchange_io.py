@@ -1,9 +1,10 @@
 """Section 4: exchange I/O against the raw store, and cross-group bytes against all-reduce.
 
-Publishing a model through our exchange code (safetensors encoding, then `Channel.publish`: the
-immutable blob, the LATEST.json pointer, pruning) and fetching it (`latest`, `fetch` with its size
-and sha256 check, safetensors decoding) against a raw fsspec put/get of the very same bytes on the
-same store: a local folder and moto's S3 server (its own process), in one run. Then the bytes that
+Publishing a model as the trainer does (its CPU copy, streamed as safetensors through
+`Channel.publish`: the immutable blob, hashed on the way, the LATEST.json pointer, pruning) and
+fetching it (`latest`, `fetch` into one buffer with its size and sha256 checked, decoded as views)
+against a raw fsspec put/get of the very same bytes on the same store: a local folder and moto's
+S3 server (its own process), in one run, with the peak memory of ours over the model's bytes. Then the bytes that
 cross between groups per step, counted on a codistillation run's bucket, against what ring
 all-reduce across the same groups would move: 2(G-1)/G x the model's size per step per group.
 
@@ -12,6 +13,7 @@ all-reduce across the same groups would move: 2(G-1)/G x the model's size per st
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -24,7 +26,7 @@ from matplotlib.figure import Figure
 
 from bench import common, sim
 from codistill.storage import Bucket
-from codistill_trainer import exchange
+from codistill_trainer import exchange, resume
 
 SCHEMA: common.Schema = {"publish_vs_raw": {"*": {"*": {}}}, "fetch_vs_raw": {"*": {"*": {}}},
                          "cross_group": {"*": {"sent_bytes_per_step": {},
@@ -46,46 +48,82 @@ def seconds(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def rss() -> int:
+    """This process's resident bytes now."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def measured(fn: Callable[[], Any]) -> tuple[float, int]:
+    """(seconds, peak resident bytes above the start) of one call. The peak is reset first
+    (writing 5 to clear_refs, Linux); what the call returns and keeps is counted."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = rss()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start, peak_rss() - before
+
+
 def one_round(bucket: Bucket, weights: dict[str, torch.Tensor], step: int, folder: str
               ) -> dict[str, float]:
-    """One publish, raw put, fetch and raw get of the same bytes; seconds of each part."""
+    """One publish and fetch as the trainer makes them, and a raw put and get of the same bytes;
+    seconds of each, and the peak memory of ours above what was resident before. The publish
+    includes the trainer's CPU copy of the weights (`resume.cpu_copy`), the fetch the decoded
+    weights it hands to the teacher, both of them the model's size."""
     channel = exchange.Channel(bucket, f"{folder}/teacher", "safetensors")
     box: dict[str, Any] = {}
     t: dict[str, float] = {}
-    t["encode"] = seconds(lambda: box.update(data=exchange.weights_to_bytes(weights, step)))
-    t["publish"] = seconds(lambda: channel.publish(step, box["data"]))
+
+    def publish() -> None:
+        copy = resume.cpu_copy(weights)
+        channel.publish(step, exchange.weights_blob(copy, step).write)
+
+    t["publish"], t["publish_peak_bytes"] = measured(publish)
+    box["data"] = exchange.weights_to_bytes(weights, step)
     raw = bucket.path(f"{folder}/raw/model.bin")  # overwritten each round: one copy in the store
     bucket.fs.makedirs(raw.rsplit("/", 1)[0], exist_ok=True)
-    t["raw_put"] = seconds(lambda: bucket.fs.pipe_file(raw, box["data"]))
-    t["fetch"] = seconds(lambda: box.update(blob=channel.fetch(channel.latest())))
-    t["decode"] = seconds(lambda: exchange.weights_from_bytes(box["blob"]))
+    t["raw_put"] = seconds(lambda: bucket.fs.pipe_file(raw, box.pop("data")))
+    t["fetch"], t["fetch_peak_bytes"] = measured(lambda: box.update(
+        w=exchange.weights_from_bytes(channel.fetch(channel.latest()))))
+    t["bytes"] = channel.latest().bytes
+    box.clear()
     t["raw_get"] = seconds(lambda: bucket.fs.cat_file(raw))
-    t["bytes"] = len(box["data"])
     return t
 
 
 def measure_store(bucket: Bucket, sizes: list[int], repeats: int) -> dict[str, Any]:
-    """Median throughputs (MB/s) of ours and raw, per model size."""
+    """Median throughputs (MB/s) of ours and raw, and our peak memory / model bytes, per size."""
     found = {}
     for size in sizes:
         weights = weights_of(size * MB)
         folder = f"io/{size}"
-        rounds = [one_round(bucket, weights, r, folder) for r in range(repeats)]
+        n = repeats if size < 4000 else 1  # 4 GB: one round (memory is its point; 16 GB peak)
+        rounds = [one_round(bucket, weights, r, folder) for r in range(n)]
         bucket.rm(folder)
         med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
         mb = med["bytes"] / MB
         found[str(size)] = {
             "bytes": int(med["bytes"]),
-            "publish_mb_s": mb / (med["encode"] + med["publish"]),
+            "publish_mb_s": mb / med["publish"],
             "raw_put_mb_s": mb / med["raw_put"],
-            "fetch_mb_s": mb / (med["fetch"] + med["decode"]),
+            "fetch_mb_s": mb / med["fetch"],
             "raw_get_mb_s": mb / med["raw_get"],
+            "publish_peak_x_model": max(r["publish_peak_bytes"] for r in rounds) / med["bytes"],
+            "fetch_peak_x_model": max(r["fetch_peak_bytes"] for r in rounds) / med["bytes"],
             "seconds": med,
         }
         r = found[str(size)]
         print(f"  {bucket.url} {size} MB: publish {r['publish_mb_s']:.0f} MB/s (raw put "
               f"{r['raw_put_mb_s']:.0f}), fetch {r['fetch_mb_s']:.0f} MB/s (raw get "
-              f"{r['raw_get_mb_s']:.0f})", flush=True)
+              f"{r['raw_get_mb_s']:.0f}); peak memory x model: publish "
+              f"{r['publish_peak_x_model']:.2f}, fetch {r['fetch_peak_x_model']:.2f}", flush=True)
+        del weights
     return found
 
 
@@ -149,7 +187,7 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     args = p.parse_args()
     bench = common.Bench("exchange_io")
-    sizes, repeats = ([10, 100], 2) if args.quick else ([10, 100, 1000], 3)
+    sizes, repeats = ([10, 100], 2) if args.quick else ([10, 100, 1000, 4000], 3)
     stores: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="codistill-bench-io-") as folder:
         stores["local"] = measure_store(Bucket(Path(folder).as_uri()), sizes, repeats)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from botocore.exceptions import ClientError
 
-from codistill import names
+from codistill import names, storage
 from codistill.runfolder import Final, GroupScore, Progress, Report, RunFolder
 from codistill.spec import Codistillation, parse
 from codistill.storage import Bucket, StorageError
@@ -29,6 +29,8 @@ from codistill_trainer.exchange import (
     state_from_bytes,
     state_to_bytes,
     teacher_channel,
+    weights_blob,
+    weights_from_bytes,
     weights_to_bytes,
 )
 from codistill_trainer.resume import load_latest
@@ -129,6 +131,35 @@ def test_the_trainer_exchanges_under_the_prefix_only(scoped: ScopedS3) -> None:
     folder.write_report(Report(examples=4, groups=[GroupScore(group=0, loss=1.0, accuracy=0.5)]),
                         b"png", "summary")
     assert folder.report().examples == 4 and bucket.get(names.SUMMARY_MD) == b"summary"
+
+
+def test_large_blobs_stream_in_parts_and_a_failed_upload_leaves_nothing(
+        scoped: ScopedS3, s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob over PART_BYTES goes up as a multipart upload, under the prefix only, and is read
+    back in parts; one that fails halfway is aborted: no object, no upload left open."""
+    monkeypatch.setattr(storage, "PART_BYTES", 5 * 2**20)  # S3's smallest part
+    monkeypatch.setattr(storage, "READ_BYTES", 5 * 2**20)
+    bucket = Bucket(names.run_url(scoped.url, "default", "big"), scoped.endpoint, KEYS,
+                    attempts=1)
+    big = {"w": torch.randn(3 * 2**20)}  # 12 MiB: two parts and the rest
+    teacher = teacher_channel(bucket, 0)
+    pointer = teacher.publish(10, weights_blob(big, 10).write)
+    assert pointer.bytes > 12 * 2**20
+    assert torch.equal(weights_from_bytes(teacher.fetch(pointer))["w"], big["w"])
+
+    def dies_halfway(f: Any) -> None:
+        written = 0
+        for part in weights_blob(big, 20).parts():
+            written += f.write(part)
+            if written > 7 * 2**20:  # one part uploaded already
+                raise OSError("the pod was evicted")
+
+    with pytest.raises(StorageError, match="evicted"):
+        teacher.publish(20, dies_halfway)
+    assert teacher.latest().step == 10 and bucket.ls(names.teacher_dir(0)) == [
+        "10.safetensors", "LATEST.json"]
+    uploads = client(s3).list_multipart_uploads(Bucket=BUCKET, Prefix=PREFIX)  # as its owner
+    assert uploads.get("Uploads", []) == []
 
 
 def test_codistill_run_trains_with_only_the_prefix(scoped: ScopedS3, tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from codistill import names
+from codistill import names, storage
 from codistill.storage import Bucket
 from codistill_trainer.exchange import (
     Channel,
@@ -205,21 +205,34 @@ def test_fetch_checks_size_before_reading_and_reads_at_most_one_byte_more(tmp_pa
     ch = teacher_channel(bucket, 0)
     pointer = ch.publish(10, weights_to_bytes(weights(1.0), 10))
     reads = []
-    real = bucket.fs.cat_file
+    real = bucket.read_into
 
-    def spy(path, start=None, end=None, **kw):
-        reads.append((start, end))
-        return real(path, start=start, end=end, **kw)
+    def spy(rel, buf):
+        got = real(rel, buf)
+        reads.append((len(buf), got))
+        return got
 
-    monkeypatch.setattr(bucket.fs, "cat_file", spy)
+    monkeypatch.setattr(bucket, "read_into", spy)
     assert torch.equal(weights_from_bytes(ch.fetch(pointer))["w"], weights(1.0)["w"])
-    assert reads == [(0, pointer.bytes + 1)]
+    assert reads == [(pointer.bytes, pointer.bytes)]  # one buffer of the pointer's size
     reads.clear()
     with open(tmp_path / "run" / ch.folder / pointer.key, "ab") as f:
         f.write(b"\0" * (1 << 20))  # grown: refused from its size, never read
     with pytest.raises(CorruptCheckpoint, match="bytes"):
         ch.fetch(pointer)
     assert reads == []
+
+
+def test_read_into_reads_in_parts_and_says_when_the_object_is_longer(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "READ_BYTES", 1000)
+    bucket = Bucket(tmp_path.as_uri())
+    data = bytes(range(256)) * 20  # 5,120 bytes: six parts
+    bucket.put("blob", data)
+    buf = bytearray(len(data))
+    assert bucket.read_into("blob", buf) == len(data) and buf == data
+    short = bytearray(100)
+    assert bucket.read_into("blob", short) == 101 and short == data[:100]
+    assert bucket.read_into("blob", bytearray(len(data) + 5)) == len(data)
 
 
 @pytest.mark.parametrize("previous", ["5", "null", "true", '"abc"', '{"a": 1}', "[1, null, {}]"])
@@ -299,16 +312,15 @@ def test_failed_local_write_leaves_no_temporary(tmp_path, monkeypatch):
     bucket = Bucket(tmp_path.as_uri() + "/run", attempts=1)
     ch = teacher_channel(bucket, 0)
 
-    def full_disk(path, value, **kw):
-        with open(path, "wb") as f:
-            f.write(value[: len(value) // 2])
+    data = weights_to_bytes(weights(1.0), 10)
+
+    def full_disk(f):  # the disk fills halfway through the blob
+        f.write(data[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bucket.fs, "pipe_file", full_disk)
     with pytest.raises(StorageError, match="No space left"):
-        ch.publish(10, weights_to_bytes(weights(1.0), 10))
-    monkeypatch.undo()
-    assert list((tmp_path / "run").rglob("*.tmp-*")) == []
+        ch.publish(10, full_disk)
+    assert list((tmp_path / "run").rglob("*.tmp-*")) == [] and ch.latest() is None
 
     import codistill.storage
     def no_rename(src, dst):

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -30,6 +30,11 @@ T = TypeVar("T")
 RETRIES = 4  # attempts per call for trainers, which must ride out a short outage
 TIMEOUT_S = 30.0  # connect and read timeout of one S3 request
 TMP_MARK = ".tmp-"  # `<name>.tmp-<8 hex>`: a local write before its rename (see `Bucket.put`)
+# Streamed writes go up in parts of PART_BYTES (S3: 5 MiB at least, 10,000 parts at most: objects
+# up to 160 GiB), reads come in parts of READ_BYTES (one ranged GET each). Each part is held about
+# twice while in flight, so these bound the extra memory of a transfer, whatever the model's size.
+PART_BYTES = 16 * 2**20
+READ_BYTES = 64 * 2**20
 
 
 class StorageError(RuntimeError):
@@ -126,18 +131,33 @@ class Bucket:
 
     def put(self, rel: str, data: bytes) -> None:
         """Write a whole object; readers see the old or the new bytes, never a mix."""
-        def write() -> None:
+        self.put_stream(rel, lambda f: f.write(data))
+
+    def put_stream(self, rel: str, write: Callable[[BinaryIO], Any]) -> None:
+        """Write an object from what `write` writes into a file, never holding it whole here;
+        readers see the old or the new object, never a mix. `write` is called again on a retry.
+        On an object store that is one PUT, or for more than PART_BYTES an upload in parts,
+        which S3 makes visible only once complete (a failed one is aborted); a local file is
+        written beside its path and renamed into place."""
+        def once() -> None:
             path = self.path(rel)
             if not isinstance(self.fs, LocalFileSystem):
-                # One PUT: atomic, and nothing else. An object store has no folders to make, and
-                # s3fs's makedirs would probe (or create) the bucket itself, which credentials
-                # scoped to a prefix may not touch.
-                self.fs.pipe_file(path, data)
+                # An object store has no folders to make, and s3fs's makedirs would probe (or
+                # create) the bucket itself, which credentials scoped to a prefix may not touch.
+                f = self.fs.open(path, "wb", block_size=PART_BYTES)
+                try:
+                    write(f)
+                    f.close()  # the PUT, or the last part and the upload's completion
+                except BaseException:
+                    f.discard()  # nothing half-written becomes visible: the upload is aborted
+                    f.closed = True  # and closing it later (its __del__) must not commit it
+                    raise
                 return
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a local run's folders
             tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"  # local files are atomic only by rename
             try:
-                self.fs.pipe_file(tmp, data)
+                with open(tmp, "wb") as f:
+                    write(f)
                 failpoints.reach(failpoints.BEFORE_RENAME, rel)
                 os.replace(tmp, path)
             except BaseException:  # e.g. ENOSPC: leave no partial file behind
@@ -145,7 +165,7 @@ class Bucket:
                     os.remove(tmp)
                 raise
 
-        self._retry(f"write {self.url}/{rel}", write)
+        self._retry(f"write {self.url}/{rel}", once)
 
     def get(self, rel: str, limit: int | None = None) -> bytes:
         """The object's bytes; with `limit`, at most that many (a blob bigger than its pointer
@@ -153,6 +173,25 @@ class Bucket:
         end = {} if limit is None else {"start": 0, "end": limit}
         return self._retry(f"read {self.url}/{rel}",
                            lambda: self.fs.cat_file(self.path(rel), **end))
+
+    def read_into(self, rel: str, buf: bytearray) -> int:
+        """Fill `buf` with an object of len(buf) bytes (the caller checked its size), read in
+        parts of READ_BYTES, so a large object is never held twice; the bytes read, len(buf) + 1
+        where a local file turns out longer."""
+        def once() -> int:
+            view, got = memoryview(buf), 0
+            # size given: s3fs need not ask for it again (one HEAD fewer); no read-ahead cache:
+            # each part goes straight into buf
+            with self.fs.open(self.path(rel), "rb", block_size=READ_BYTES, size=len(buf),
+                              cache_type="none") as f:
+                while got < len(buf):
+                    n = f.readinto(view[got:got + READ_BYTES])
+                    if not n:
+                        return got
+                    got += n
+                return got + len(f.read(1))
+
+        return self._retry(f"read {self.url}/{rel}", once)
 
     def size(self, rel: str) -> int:
         return self._retry(f"stat {self.url}/{rel}", lambda: self.fs.size(self.path(rel)))

@@ -17,16 +17,32 @@ import hashlib
 import io
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from codistill import failpoints, names
 from codistill.runfolder import CorruptCheckpoint, Pointer, key_step
 from codistill.storage import TMP_MARK, Bucket
+
+from . import weights
+
+
+class Hashing:
+    """A file that hashes and counts what is written through it, on the way to `f`."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 class Channel:
@@ -39,14 +55,23 @@ class Channel:
     def pointer_path(self) -> str:
         return f"{self.folder}/{names.POINTER}"
 
-    def publish(self, step: int, data: bytes) -> Pointer:
-        """Write the blob, then commit it by overwriting the pointer; prune old blobs."""
+    def publish(self, step: int, payload: bytes | Callable[[BinaryIO], Any]) -> Pointer:
+        """Write the blob (`payload`: its bytes, or what writes them into a file, streamed and
+        hashed on the way), then commit it by overwriting the pointer; prune old blobs."""
+        write = payload if callable(payload) else (lambda f: f.write(payload))
         key = f"{step}.{self.suffix}"
         if self.bucket.exists(f"{self.folder}/{key}"):  # e.g. republished after a resume
             key = f"{step}.{uuid.uuid4().hex[:8]}.{self.suffix}"
-        self.bucket.put(f"{self.folder}/{key}", data)
+        written: list[Hashing] = []
+
+        def hashed(f: BinaryIO) -> None:  # called again on a retry: the last attempt counts
+            written.append(Hashing(f))
+            write(written[-1])
+
+        self.bucket.put_stream(f"{self.folder}/{key}", hashed)
         failpoints.reach(failpoints.BEFORE_POINTER, f"{self.folder}/{key}")
-        latest = Pointer(step, key, hashlib.sha256(data).hexdigest(), len(data), time.time())
+        done = written[-1]
+        latest = Pointer(step, key, done.sha256.hexdigest(), done.bytes, time.time())
         try:
             history = [asdict(p) for p in self.history()][: self.keep - 1]
         except CorruptCheckpoint:  # a garbage pointer is replaced, not trusted
@@ -104,9 +129,9 @@ class Channel:
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{self.bucket.url}/{self.folder}/{key}: missing") from None
 
-    def fetch(self, pointer: Pointer) -> bytes:
-        """The blob's bytes, verified against the pointer's size and sha256. The size is checked
-        before reading, and no more than `pointer.bytes + 1` bytes are ever read."""
+    def fetch(self, pointer: Pointer) -> bytearray:
+        """The blob's bytes, verified against the pointer's size and sha256, read in parts into
+        one buffer, allocated only once the blob's size is checked to be the pointer's."""
         if key_step(pointer.key, (self.suffix,)) is None or pointer.bytes < 0:
             raise CorruptCheckpoint(
                 f"{self.bucket.url}/{self.pointer_path}: bad pointer key {pointer.key!r:.80}"
@@ -117,11 +142,12 @@ class Channel:
             size = self.bucket.size(rel)
             if size != pointer.bytes:
                 raise CorruptCheckpoint(f"{where}: {size} bytes, pointer says {pointer.bytes}")
-            data = self.bucket.get(rel, limit=pointer.bytes + 1)
+            data = bytearray(size)
+            got = self.bucket.read_into(rel, data)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{where}: missing (pruned or never written)") from None
-        if len(data) != pointer.bytes:  # it changed between the stat and the read
-            raise CorruptCheckpoint(f"{where}: {len(data)} bytes, pointer says {pointer.bytes}")
+        if got != size:  # it changed between the stat and the read
+            raise CorruptCheckpoint(f"{where}: {got} bytes read, pointer says {size}")
         if hashlib.sha256(data).hexdigest() != pointer.sha256:
             raise CorruptCheckpoint(f"{where}: sha256 mismatch")
         return data
@@ -147,23 +173,33 @@ def state_channel(bucket: Bucket, group: int) -> Channel:
     return Channel(bucket, names.state_dir(group), "pt")
 
 
-def weights_to_bytes(state_dict: dict[str, torch.Tensor], step: int) -> bytes:
-    """Safetensors bytes of a model's weights. Tensors must not share memory (tied weights): the
-    trainer passes `resume.cpu_copy(...)`, which already gave each its own CPU copy."""
+def weights_blob(state_dict: dict[str, torch.Tensor], step: int) -> weights.Blob:
+    """A model's weights as a safetensors blob to stream (`Channel.publish(step, blob.write)`).
+    Tensors must not share memory (tied weights): the trainer passes `resume.cpu_copy(...)`,
+    which already gave each its own CPU copy, so nothing is copied here."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    return st_save(tensors, metadata={"step": str(step)})
+    return weights.Blob(tensors, {"step": str(step)})
 
 
-def weights_from_bytes(data: bytes, where: str = "blob") -> dict[str, torch.Tensor]:
-    try:
-        return st_load(data)
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CorruptCheckpoint(f"{where}: not a valid safetensors file ({e})") from None
+def weights_to_bytes(state_dict: dict[str, torch.Tensor], step: int) -> bytes:
+    """The same blob's bytes, whole (for small models and tests)."""
+    return b"".join(weights_blob(state_dict, step).parts())
+
+
+def weights_from_bytes(data: bytes | bytearray, where: str = "blob") -> dict[str, torch.Tensor]:
+    """The tensors of a verified blob, as views into it (a `bytes` is copied once, to be
+    writable as torch requires)."""
+    return weights.load(data if isinstance(data, bytearray) else bytearray(data), where)
+
+
+def state_writer(state: dict[str, Any]) -> Callable[[BinaryIO], None]:
+    """What streams a group's training state into a file (`Channel.publish(step, writer)`)."""
+    return lambda f: torch.save(state, f)
 
 
 def state_to_bytes(state: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
-    torch.save(state, buf)
+    state_writer(state)(buf)
     return buf.getvalue()
 
 

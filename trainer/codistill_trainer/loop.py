@@ -25,7 +25,7 @@ from codistill.storage import Bucket, StorageError
 
 from . import dist, resume
 from .distill import codistill_loss
-from .exchange import state_channel, state_to_bytes, teacher_channel, weights_to_bytes
+from .exchange import state_channel, state_writer, teacher_channel, weights_blob
 from .progress import ProgressMeter
 from .shards import shard_of
 from .tasks import resolve
@@ -291,7 +291,7 @@ class Loop:
         weights = resume.cpu_copy(self.model.state_dict())  # at this boundary, off the GPU
 
         def job() -> None:
-            self.published = self.publisher.publish(done, weights_to_bytes(weights, done))
+            self.published = self.publisher.publish(done, weights_blob(weights, done).write)
             self.progress.last_published = done
 
         self.uploader.submit("teacher", job, retry=True)
@@ -303,7 +303,7 @@ class Loop:
         snap = resume.snapshot(self.model, self.opt, self.sched, done, self.progress.history, rng)
 
         def job() -> None:
-            self.states.publish(done, state_to_bytes(snap))
+            self.states.publish(done, state_writer(snap))
             self.saved = done
 
         self.uploader.submit("state", job, retry=True)

@@ -20,7 +20,7 @@ from torch import nn
 
 from codistill.storage import Bucket, StorageError
 
-from . import dist
+from . import dist, weights
 from .exchange import CorruptCheckpoint, teacher_channel, weights_from_bytes
 from .shards import generator
 from .tasks.base import Batch, Task
@@ -122,18 +122,23 @@ class PeerPoller:
                     self._refuse(peer, seen, f"pointer step {pointer.step} is outside "
                                              f"[0, {self.max_step}]")
                     continue
-                weights = weights_from_bytes(channel.fetch(pointer), pointer.key)
+                bound = weights.max_size(self.expected) if self.expected else pointer.bytes
+                if pointer.bytes > bound:  # refused before a buffer of that size is allocated
+                    self._refuse(peer, seen, f"pointer says {pointer.bytes} bytes, a model of "
+                                             f"this layout takes at most {bound}")
+                    continue
+                fetched = weights_from_bytes(channel.fetch(pointer), pointer.key)
             except (CorruptCheckpoint, StorageError) as e:
                 self.warnings[peer] = f"peer {peer}: {e}; keeping last good teacher"
                 log.warning("%s", self.warnings[peer])
                 continue
-            reason = bad_weights(weights, self.expected)
+            reason = bad_weights(fetched, self.expected)
             if reason is not None:
                 self._refuse(peer, seen, f"step {pointer.step}: {reason}")
                 continue
             with self._lock:
                 versions = self._versions[peer]
-                versions[pointer.step] = weights
+                versions[pointer.step] = fetched
                 for old in sorted(versions)[: -self.keep]:
                     del versions[old]
             self.warnings.pop(peer, None)
