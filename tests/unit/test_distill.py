@@ -1,5 +1,6 @@
 """The codistillation loss as the paper states it."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -66,3 +67,22 @@ def test_gradient_flows_to_student_only():
     total, _ = codistill_loss(torch.tensor(0.0), s, [t.detach()], **_args())
     total.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("shape", [(4, 7), (3, 5, 11)])
+def test_the_kl_terms_closed_form_gradient_is_autograds(temperature, shape):
+    """The term's own backward against autograd through kl_div and log_softmax (the textbook
+    formula), on a batch of sequences too, with one and with two teachers."""
+    g = torch.Generator().manual_seed(0)
+    for n_teachers in (1, 2):
+        teachers = [torch.randn(shape, generator=g) * 3 for _ in range(n_teachers)]
+        s = (torch.randn(shape, generator=g) * 3).requires_grad_()
+        ours = distill_loss(s, teachers, temperature)
+        (grad,) = torch.autograd.grad(ours, s)
+        s_ref = s.detach().clone().requires_grad_()
+        target = torch.stack([F.softmax(t / temperature, -1) for t in teachers]).mean(0)
+        ref = F.kl_div(F.log_softmax(s_ref / temperature, -1), target,
+                       reduction="batchmean") * temperature**2
+        (grad_ref,) = torch.autograd.grad(ref, s_ref)
+        assert torch.allclose(ours, ref, atol=1e-5) and torch.allclose(grad, grad_ref, atol=1e-6)
