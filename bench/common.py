@@ -55,6 +55,17 @@ def add_device(p: argparse.ArgumentParser) -> None:
                    help="torch device the models train on: cpu (default), cuda, cuda:1, ...")
 
 
+LR, LR_BATCH = 3e-3, 32
+
+
+def lr_for(batch: int, lr: float = LR, at: int = LR_BATCH) -> float:
+    """The learning rate of sections 1 and 2 at `batch`: `lr` at batch `at`, scaled by
+    sqrt(batch / at) (the square-root rule). One rule for every arm, so that no arm, the
+    synchronous baseline at 2B least of all, trains at a learning rate tuned for another batch;
+    section 1 checks the rule against its neighbours."""
+    return lr * math.sqrt(batch / at)
+
+
 def git_commit() -> dict[str, Any]:
     """HEAD and whether the tree had uncommitted changes (read-only git calls)."""
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # `git status` must not touch the index

@@ -108,7 +108,8 @@ class Job:
     spec: dict[str, Any]
     eval_every: int
     eval_size: tuple[int, int]  # (batch size, batches): the same set for every run of a task
-    predictions: bool = False  # also return each group's class probabilities on the eval set
+    # steps at which to keep each group's class probabilities on the eval set (each an eval step)
+    predictions: tuple[int, ...] = ()
     device: str = "cpu"  # where the groups train (`--device`); eval batches go there too
 
 
@@ -117,8 +118,10 @@ class Outcome:
     job: Job
     curves: dict[int, list[tuple[int, float]]]  # group -> (step, eval loss)
     accuracy: dict[int, float]  # group -> final eval accuracy
-    probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    probs: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # step -> group -> p
     seconds: float = 0.0
+    # (step, eval loss) of the groups' ensemble, the mean of their softmaxes (empty for 1 group)
+    ensemble: list[tuple[int, float]] = field(default_factory=list)
 
 
 def eval_set(job: Job) -> list[Batch]:
@@ -136,13 +139,26 @@ def run(job: Job, make_bucket: Callable[[str], Bucket] = Bucket) -> Outcome:
     batches = [train.to_device(b, on) for b in eval_set(job)]
     curves: dict[int, list[tuple[int, float]]] = {g: [] for g in range(the_run.spec.groups)}
     accuracy: dict[int, float] = {}
+    ensemble: list[tuple[int, float]] = []
+    probs: dict[int, dict[int, torch.Tensor]] = {}
     with tempfile.TemporaryDirectory(prefix="codistill-bench-") as folder:
         with loops(the_run, make_bucket(Path(folder).as_uri()), on) as group_loops:
+            task = group_loops[0].task
+            targets = torch.cat([task.targets(b).cpu() for b in batches])
 
             def record(done: int) -> None:
-                for g, loop in enumerate(group_loops):
-                    loss, accuracy[g] = train.evaluate(loop.task, loop.model, batches, on)
+                # the run report's own maths: each group's loss and accuracy, their ensemble's loss
+                with torch.inference_mode():
+                    found = {g: report.predict(task, loop.model, batches)
+                             for g, loop in enumerate(group_loops)}
+                for g, (loss, p) in found.items():
                     curves[g].append((done, loss))
+                    accuracy[g] = report.accuracy(p, targets)
+                if len(found) > 1:
+                    mean = report.ensemble([p for _, p in found.values()])
+                    ensemble.append((done, report.nll(mean, targets)))
+                if done in job.predictions:
+                    probs[done] = {g: p for g, (_, p) in found.items()}
 
             record(0)
             for step in range(the_run.spec.training.steps):
@@ -151,11 +167,7 @@ def run(job: Job, make_bucket: Callable[[str], Bucket] = Bucket) -> Outcome:
                 boundary(group_loops, step + 1)
                 if (step + 1) % job.eval_every == 0 or step + 1 == the_run.spec.training.steps:
                     record(step + 1)
-            probs = {}
-            if job.predictions:
-                probs = {g: report.predict(loop.task, loop.model, batches)[1]
-                         for g, loop in enumerate(group_loops)}
-    return Outcome(job, curves, dict(accuracy), probs, time.perf_counter() - started)
+    return Outcome(job, curves, dict(accuracy), probs, time.perf_counter() - started, ensemble)
 
 
 def run_all(jobs: Sequence[Job], workers: int, on: str = "cpu") -> list[Outcome]:

@@ -1,22 +1,33 @@
-"""Section 1: steps to a target eval loss, synchronous SGD against codistillation.
+"""Section 1: when codistillation pays, and which factor holds it back.
 
-First the batch-scaling curve of synchronous SGD (`groups: 1`): steps to a common target for
-batches B0, 2 B0, 4 B0, ..., each run given at least a fixed number of examples and at least the
-comparison budget of steps; the target is the worst of their best eval losses, so every batch
-reaches it.
-The plateau batch B is the smallest beyond which no doubling cuts the steps below PLATEAU times.
-Then, at equal examples per step and over several seeds, synchronous SGD at G x B against G-way
-codistillation (G groups at B on disjoint shards), G = 2 and 4; target = the best eval loss the
-baseline reaches in its budget. Controls (G = 2): the groups on the *same* data, and other
-exchange periods (staleness).
+Every arm trains the real trainer in lockstep (`bench/sim.py`) on one task, with the same seeds,
+the same learning-rate rule and the same fixed eval set:
 
-    python -m bench.steps_to_target [--quick] [--jobs 2] [--replot]
+    sync      one model at 2B: what synchronous SGD over the two groups' examples computes
+    one       one model at B on all the data
+    indep     2 groups at B on disjoint shards, no distillation (burnInSteps = steps): the control
+    codist-w  the same 2 groups, seeds, shards and batches, distilling with weight w
+    ensemble  the mean of indep's two softmaxes: what distilling could give each model at best
+
+Steps to a common target (the worst of the arms' best smoothed eval losses, per seed, so every
+arm reaches it) make the headline a product whose factors say what holds it back:
+
+    codist / sync = [codist / indep]  x  [indep / one]  x  [one / sync]
+                     distillation term    the half shard    how far below the batch plateau
+
+Beside it, per weight: the final eval loss against the paired control (Delta), and the fraction
+of the ensemble's gain the term transferred. Seed 0 also runs sync at 4B (the plateau at this
+budget) and the learning-rate rule's neighbours (x 1/sqrt 2, x sqrt 2) at B and 2B.
+
+    python -m bench.steps_to_target [--quick] [--jobs 2] [--settings lm,lm-large] [--device cuda]
+    python -m bench.steps_to_target --replot
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,166 +35,216 @@ from matplotlib.figure import Figure
 
 from bench import common, sim
 
-PLATEAU = 0.8  # a doubling that leaves more than 80 % of the steps no longer pays
 SMOOTH = 3  # eval points in the moving average applied to every curve before comparing
 WARMUP = 50
-SCHEMA: common.Schema = {"tasks": {"*": {
-    "scan": {"batches": {}, "steps": {}, "target": {}, "plateau_batch": {}},
-    "batch": {},
-    "groups": {"*": {"baseline_steps": {}, "codistill_steps": {}, "ratio": {}}},
-    "controls": {"shared_data": {"ratio": {}}, "exchange_every": {}},
+GROUPS = 2
+LR_STEP = math.sqrt(2)  # the rule's neighbours checked on seed 0: lr / sqrt 2 and lr x sqrt 2
+SCHEMA: common.Schema = {"settings": {"*": {
+    "setting": {}, "lr": {"rule": {}, "check": {}},
+    "plateau": {"batches": {}, "steps": {}, "doubling": {}},
+    "factors": {"distillation": {}, "shard": {}, "plateau": {}, "product": {},
+                "ensemble_bound": {}},
+    "final": {}, "delta": {}, "transferred": {}, "per_seed": {}, "curves": {},
 }}}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """How one task is run; the same optimizer and distillation settings in every arm."""
+    """One comparison; `lr` is the rule's value at batch `lr_batch`, scaled by sqrt(b / lr_batch)
+    for a batch b (the square-root rule, for every arm alike)."""
 
     task: str
     args: dict[str, Any]
-    scan: tuple[int, ...]  # batches of the scaling curve, each twice the previous
-    scan_examples: int  # a scan run trains max(scan_examples // batch, steps) steps
-    steps: int  # budget of every comparison run
+    batch: int  # B, per group
+    steps: int  # the budget of every arm
     seeds: int
-    burn_in: int
+    burn_in: int  # >= 2 exchange periods: the first teacher is at least one period trained
     exchange: int  # exchangeEverySteps = reloadEverySteps
-    staleness: tuple[int, ...]  # further exchange periods for the staleness control
+    weights: tuple[float, ...]
     eval_size: tuple[int, int]  # fixed eval set: (batch size, batches)
-    evals: int  # eval points per comparison run
-    groups: tuple[int, ...] = (2, 4)
-    lr: float = 3e-3  # Adam(W), constant after warm-up: the same for every batch size
+    evals: int  # eval points per run
+    lr: float = common.LR
+    lr_batch: int = common.LR_BATCH
+    checks: bool = True  # seed 0's plateau (sync at 4B) and learning-rate neighbours
+
+    def lr_at(self, batch: int) -> float:
+        return common.lr_for(batch, self.lr, self.lr_batch)
 
 
-LM = {"seq_len": 32, "embed": 32, "hidden": 64}
+TINY = {"seq_len": 32, "embed": 32, "hidden": 64}
+LARGE = {"seq_len": 64, "embed": 64, "hidden": 256}
 FULL = {
-    "lm": Setting("lm", LM, scan=(16, 32, 64, 128, 256, 512), scan_examples=96_000, steps=1500,
-                  seeds=3, burn_in=100, exchange=50, staleness=(10, 200), eval_size=(256, 4),
-                  evals=30),
-    "ctr": Setting("ctr", {}, scan=(16, 32, 64, 128, 256, 512, 1024, 2048),
-                   scan_examples=100_000, steps=600, seeds=5, burn_in=100, exchange=25,
-                   staleness=(5, 100), eval_size=(1024, 10), evals=60),
+    "lm": Setting("lm", TINY, batch=64, steps=4000, seeds=2, burn_in=100, exchange=50,
+                  weights=(0.25, 0.5, 1.0), eval_size=(256, 4), evals=30),
+    "lm-large": Setting("lm", LARGE, batch=16, steps=2500, seeds=1, burn_in=250, exchange=50,
+                        weights=(0.25, 1.0), eval_size=(128, 4), evals=25, checks=False),
 }
 QUICK = {
-    "lm": Setting("lm", LM, scan=(32, 64, 128, 256), scan_examples=32_000, steps=500, seeds=3,
-                  burn_in=100, exchange=50, staleness=(), eval_size=(256, 4), evals=20,
-                  groups=(2,)),
-    "ctr": Setting("ctr", {}, scan=(128, 256, 512, 1024), scan_examples=100_000, steps=600,
-                   seeds=3, burn_in=100, exchange=25, staleness=(100,), eval_size=(1024, 10),
-                   evals=60),
+    "lm": Setting("lm", TINY, batch=64, steps=2000, seeds=1, burn_in=100, exchange=50,
+                  weights=(0.25, 1.0), eval_size=(256, 4), evals=20, checks=False),
 }
 
 
-def spec_doc(s: Setting, groups: int, batch: int, seed: int, steps: int,
-             sharding: str = "disjoint", exchange: int | None = None) -> dict[str, Any]:
+def spec_doc(s: Setting, groups: int, batch: int, seed: int, weight: float = 1.0,
+             distill: bool = True, lr_scale: float = 1.0) -> dict[str, Any]:
     """A run of `s`: the loop's own eval and checkpoints are pushed to the end (the bench
     evaluates on its fixed eval set itself)."""
-    k = exchange or s.exchange
     return {
         "groups": groups,
         "task": {"name": s.task, "args": s.args},
-        "training": {"steps": steps, "batchSize": batch, "seed": seed, "dataSharding": sharding,
-                     "evalEverySteps": steps, "evalBatches": 1, "checkpointEverySteps": steps,
-                     "optimizer": {"lr": s.lr, "warmupSteps": WARMUP}},
-        "distillation": {"burnInSteps": s.burn_in, "exchangeEverySteps": k, "reloadEverySteps": k,
-                         "maxStalenessSteps": 4 * k, "pollIntervalSeconds": sim.PARKED},
+        "training": {"steps": s.steps, "batchSize": batch, "seed": seed,
+                     "evalEverySteps": s.steps, "evalBatches": 1, "checkpointEverySteps": s.steps,
+                     "optimizer": {"lr": s.lr_at(batch) * lr_scale, "warmupSteps": WARMUP}},
+        "distillation": {"weight": weight, "burnInSteps": s.burn_in if distill else s.steps,
+                         "exchangeEverySteps": s.exchange, "reloadEverySteps": s.exchange,
+                         "maxStalenessSteps": 4 * s.exchange, "pollIntervalSeconds": sim.PARKED},
     }
 
 
-def job(s: Setting, name: str, steps: int, **kw: Any) -> sim.Job:
-    return sim.Job(f"{s.task}-{name}", spec_doc(s, steps=steps, **kw),
-                   eval_every=max(steps // s.evals, 1), eval_size=s.eval_size)
+Key = tuple[str, float, int]  # (arm, parameter, seed): the weight, the batch or the lr scale
 
 
-def scan(s: Setting, workers: int, on: str) -> tuple[dict[str, Any], dict[int, list]]:
-    """The batch-scaling curve of synchronous SGD and its plateau batch."""
-    jobs = [job(s, f"scan-b{b}", max(s.scan_examples // b, s.steps), groups=1, batch=b, seed=0)
-            for b in s.scan]
-    curves = {b: o.curves[0] for b, o in zip(s.scan, sim.run_all(jobs, workers, on))}
-    smoothed = {b: common.smooth(c, SMOOTH) for b, c in curves.items()}
-    target = max(common.best(c) for c in smoothed.values())  # a loss every batch reaches
-    steps = [common.steps_to_target(smoothed[b], target) for b in s.scan]
-    batch = common.plateau(list(zip(s.scan, steps)), PLATEAU)
-    common.show(f"{s.task}: steps to eval loss {target:.4f} (synchronous SGD)",
-                [(b, n, round(n * b)) for b, n in zip(s.scan, steps)],
-                ["batch", "steps", "examples"])
-    return {"batches": list(s.scan), "steps": steps, "target": target, "threshold": PLATEAU,
-            "plateau_batch": batch, "plateau_reached": batch is not None}, curves
-
-
-def arms(s: Setting, batch: int) -> dict[tuple[str, int, int], sim.Job]:
-    """Every comparison run, keyed (arm, parameter, seed)."""
-    found = {}
+def arms(s: Setting) -> dict[Key, sim.Job]:
+    """Every run of a setting, keyed (arm, parameter, seed)."""
+    b = s.batch
+    runs: dict[Key, dict[str, Any]] = {}
     for seed in range(s.seeds):
-        for g in s.groups:
-            found["baseline", g, seed] = job(s, f"sync-{g}x{batch}-s{seed}", s.steps, groups=1,
-                                             batch=g * batch, seed=seed)
-            found["codistill", g, seed] = job(s, f"codist-{g}x{batch}-s{seed}", s.steps,
-                                              groups=g, batch=batch, seed=seed)
-        found["alone", 1, seed] = job(s, f"alone-1x{batch}-s{seed}", s.steps, groups=1,
-                                      batch=batch, seed=seed)
-        found["shared", 2, seed] = job(s, f"shared-2x{batch}-s{seed}", s.steps, groups=2,
-                                       batch=batch, seed=seed, sharding="shared")
-        for k in s.staleness:
-            found["stale", k, seed] = job(s, f"codist-2x{batch}-k{k}-s{seed}", s.steps, groups=2,
-                                          batch=batch, seed=seed, exchange=k)
+        runs["sync", 2 * b, seed] = spec_doc(s, 1, 2 * b, seed)
+        runs["one", b, seed] = spec_doc(s, 1, b, seed)
+        runs["indep", 0, seed] = spec_doc(s, GROUPS, b, seed, distill=False)
+        for w in s.weights:
+            runs["codist", w, seed] = spec_doc(s, GROUPS, b, seed, weight=w)
+    if s.checks:
+        runs["sync", 4 * b, 0] = spec_doc(s, 1, 4 * b, 0)
+        for scale in (1 / LR_STEP, LR_STEP):
+            runs["lr-one", scale, 0] = spec_doc(s, 1, b, 0, lr_scale=scale)
+            runs["lr-sync", scale, 0] = spec_doc(s, 1, 2 * b, 0, lr_scale=scale)
+    every = max(s.steps // s.evals, 1)
+    return {key: sim.Job(f"{s.task}-b{b}-{name(key)}", doc, every, s.eval_size)
+            for key, doc in runs.items()}
+
+
+def name(key: Key) -> str:
+    arm, param, seed = key  # a run's name is a DNS label: 0.25 -> 0p25
+    return f"{arm}-{param:g}-s{seed}".replace(".", "p")
+
+
+def cost(job: sim.Job) -> float:
+    """Relative CPU cost, to start the longest runs first (2 at a time, the last one alone)."""
+    d, t = job.spec["distillation"], job.spec["training"]
+    distills = job.spec["groups"] > 1 and d["burnInSteps"] < t["steps"]
+    return job.spec["groups"] * t["batchSize"] * (1.5 if distills else 1.0)
+
+
+def run_arms(s: Setting, workers: int, on: str) -> dict[Key, sim.Outcome]:
+    jobs = sorted(arms(s).items(), key=lambda kv: -cost(kv[1]))
+    return dict(zip([k for k, _ in jobs], sim.run_all([j for _, j in jobs], workers, on)))
+
+
+def model_curve(o: sim.Outcome) -> list[tuple[float, float]]:
+    """A run's eval curve, smoothed: the mean of its groups' curves (one model per group)."""
+    return common.smooth(common.mean_curve(list(o.curves.values())), SMOOTH)
+
+
+def per_seed(s: Setting, out: dict[Key, sim.Outcome], seed: int) -> dict[str, Any]:
+    """The factors, deltas and transfer of one seed (every arm of it is paired)."""
+    curves = {"sync": model_curve(out["sync", 2 * s.batch, seed]),
+              "one": model_curve(out["one", s.batch, seed]),
+              "indep": model_curve(out["indep", 0, seed]),
+              "ensemble": common.smooth(out["indep", 0, seed].ensemble, SMOOTH),
+              **{f"codist-{w:g}": model_curve(out["codist", w, seed]) for w in s.weights}}
+    target = max(common.best(c) for arm, c in curves.items() if arm != "ensemble")
+    steps = {arm: common.steps_to_target(c, target) for arm, c in curves.items()}
+    final = {arm: c[-1][1] for arm, c in curves.items()}
+    gain = final["indep"] - final["ensemble"]  # what an ideal transfer could take off each model
+    return {
+        "target": target, "steps": steps, "final": final,
+        "factors": {
+            "distillation": {f"{w:g}": steps[f"codist-{w:g}"] / steps["indep"] for w in s.weights},
+            "shard": steps["indep"] / steps["one"],
+            "plateau": steps["one"] / steps["sync"],
+            "product": {f"{w:g}": steps[f"codist-{w:g}"] / steps["sync"] for w in s.weights},
+            "ensemble_bound": steps["ensemble"] / steps["indep"],
+        },
+        "delta": {f"{w:g}": final[f"codist-{w:g}"] - final["indep"] for w in s.weights},
+        "transferred": {f"{w:g}": (final["indep"] - final[f"codist-{w:g}"]) / gain
+                        for w in s.weights},
+    }
+
+
+def over_seeds(seeds: list[dict[str, Any]], *path: str) -> Any:
+    """common.summary over seeds of the value at `path`, or a mapping of them when it maps."""
+    def at(doc: dict[str, Any]) -> Any:
+        for p in path:
+            doc = doc[p]
+        return doc
+
+    first = at(seeds[0])
+    if isinstance(first, dict):
+        return {k: over_seeds(seeds, *path, k) for k in first}
+    return common.summary(at(doc) for doc in seeds)
+
+
+def plateau(s: Setting, out: dict[Key, sim.Outcome]) -> dict[str, Any]:
+    """Seed 0's batch-scaling at this budget: steps to the worst best loss of B, 2B, 4B."""
+    batches = [s.batch, 2 * s.batch] + ([4 * s.batch] if s.checks else [])
+    curves = [model_curve(out["one" if b == s.batch else "sync", b, 0]) for b in batches]
+    target = max(common.best(c) for c in curves)
+    steps = [common.steps_to_target(c, target) for c in curves]
+    return {"batches": batches, "steps": steps, "target": target,
+            "doubling": [b / a for a, b in zip(steps, steps[1:])]}
+
+
+def lr_check(s: Setting, out: dict[Key, sim.Outcome]) -> dict[str, Any]:
+    """Seed 0's final smoothed loss at the rule's lr and its two neighbours, at B and at 2B."""
+    if not s.checks:
+        return {}
+    found = {}
+    for arm, batch in (("one", s.batch), ("sync", 2 * s.batch)):
+        finals = {1.0: model_curve(out[arm, batch, 0])[-1][1]}
+        finals |= {scale: model_curve(out[f"lr-{arm}", scale, 0])[-1][1]
+                   for scale in (1 / LR_STEP, LR_STEP)}
+        found[str(batch)] = {f"{s.lr_at(batch) * k:.3g}": v for k, v in sorted(finals.items())}
     return found
 
 
-def summarize(pairs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and spread over seeds of each side's steps and of the ratio codistill / baseline."""
-    return {
-        **{k: common.summary(p[k] for p in pairs)
-           for k in ("baseline_steps", "codistill_steps", "ratio", "target", "codistill_best")},
-        "censored": sum(not p["reached"] for p in pairs),
-        "per_seed": pairs,
-    }
-
-
-def analyse(s: Setting, curves: dict[tuple[str, int, int], Any]) -> dict[str, Any]:
-    def versus(arm: str, param: int, groups: int) -> dict[str, Any]:
-        return summarize([
-            common.compare(common.smooth(curves["baseline", groups, seed][0], SMOOTH),
-                           common.smooth(common.mean_curve(list(curves[arm, param, seed].values())),
-                                         SMOOTH))
-            for seed in range(s.seeds)
-        ])
-
+def analyse(key: str, s: Setting, out: dict[Key, sim.Outcome]) -> dict[str, Any]:
+    seeds = [per_seed(s, out, seed) for seed in range(s.seeds)]
     result = {
-        "groups": {str(g): versus("codistill", g, g) for g in s.groups},
-        "controls": {"shared_data": versus("shared", 2, 2),
-                     "exchange_every": {str(s.exchange): versus("codistill", 2, 2),
-                                        **{str(k): versus("stale", k, 2) for k in s.staleness}}},
-        "reference": {"one_group_alone": versus("alone", 1, 2)},
+        "setting": {**asdict(s), "warmup_steps": WARMUP, "groups": GROUPS},
+        "lr": {"rule": f"{s.lr:g} x sqrt(batch / {s.lr_batch})", "check": lr_check(s, out)},
+        "plateau": plateau(s, out),
+        "factors": over_seeds(seeds, "factors"),
+        "final": over_seeds(seeds, "final"),
+        "delta": over_seeds(seeds, "delta"),
+        "transferred": over_seeds(seeds, "transferred"),
+        "per_seed": seeds,
+        "curves": {name(k): {"groups": {str(g): rounded(c) for g, c in o.curves.items()},
+                             "ensemble": rounded(o.ensemble)} for k, o in out.items()},
     }
-    rows = [(f"{g}-way vs sync {g}x", *stats(result["groups"][str(g)])) for g in s.groups]
-    rows.append(("2-way, same data", *stats(result["controls"]["shared_data"])))
-    rows += [(f"2-way, exchange every {k}", *stats(v))
-             for k, v in result["controls"]["exchange_every"].items()]
-    rows.append(("1 group alone vs sync 2x", *stats(result["reference"]["one_group_alone"])))
-    common.show(f"{s.task}: steps to the baseline's best eval loss (mean over {s.seeds} seeds)",
-                rows, ["comparison", "baseline", "codistill", "ratio", "+-", "not reached",
-                       "target loss", "codistill best"])
+    show(key, s, result)
     return result
 
 
-def stats(r: dict[str, Any]) -> tuple[float, ...]:
-    return (r["baseline_steps"]["mean"], r["codistill_steps"]["mean"], r["ratio"]["mean"],
-            r["ratio"]["std"], r["censored"], r["target"]["mean"], r["codistill_best"]["mean"])
+def show(key: str, s: Setting, r: dict[str, Any]) -> None:
+    f = r["factors"]
+    common.show(f"{key}: steps to a common target, {s.seeds} seed(s), mean (std)",
+                [(f"w {w}", ms(f["distillation"][w]), ms(f["shard"]), ms(f["plateau"]),
+                  ms(f["product"][w]), ms(r["delta"][w]), ms(r["transferred"][w]))
+                 for w in f["product"]],
+                ["weight", "codist/indep", "indep/one", "one/sync", "codist/sync",
+                 "delta vs indep", "ensemble gain transferred"])
+    p = r["plateau"]
+    common.show(f"{key}: the batch plateau at {s.steps} steps (seed 0, to loss {p['target']:.4f})",
+                list(zip(p["batches"], p["steps"], [None, *p["doubling"]])),
+                ["batch", "steps", "x previous"])
+    for batch, finals in r["lr"]["check"].items():
+        common.show(f"{key}: final eval loss at batch {batch} by lr (seed 0)",
+                    list(finals.items()), ["lr", "loss"])
 
 
-def bench_task(s: Setting, workers: int, on: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(result for the JSON, curves for the plot) of one task."""
-    scanned, scan_curves = scan(s, workers, on)
-    batch = scanned["plateau_batch"] or s.scan[-1]
-    jobs = arms(s, batch)
-    outcomes = dict(zip(jobs, sim.run_all(list(jobs.values()), workers, on)))
-    curves = {key: o.curves for key, o in outcomes.items()}
-    result = {"setting": {**s.__dict__, "warmup_steps": WARMUP}, "scan": scanned, "batch": batch,
-              **analyse(s, curves),
-              "curves": {"scan": {str(b): rounded(c) for b, c in scan_curves.items()},
-                         "runs": {o.job.name: {str(g): rounded(c) for g, c in o.curves.items()}
-                                  for o in outcomes.values()}}}
-    return result, {"runs": curves}
+def ms(v: dict[str, Any]) -> str:
+    return f"{v['mean']:.3f} ({v['std']:.3f})"
 
 
 def rounded(curve: list[tuple[int, float]]) -> list[list[float]]:
@@ -191,81 +252,80 @@ def rounded(curve: list[tuple[int, float]]) -> list[list[float]]:
     return [[step, round(loss, 5)] for step, loss in curve]
 
 
-def plot(results: dict[str, Any], curves: dict[str, Any]) -> Figure:
-    """Per task: the scaling curve, seed 0's eval curves, and the ratios with their spread."""
+def plot(results: dict[str, Any]) -> Figure:
+    """Per setting: seed 0's eval curves, the factors with their spread, and the paired delta."""
     fig = common.figure(cols=3, rows=len(results))
-    for i, (task, r) in enumerate(results.items()):
+    for i, (key, r) in enumerate(results.items()):
         row = fig.axes[3 * i : 3 * i + 3]
-        plot_scan(row[0], task, r["scan"])
-        plot_curves(row[1], task, r, curves[task]["runs"])
-        plot_ratios(row[2], task, r)
+        plot_curves(row[0], key, r)
+        plot_factors(row[1], key, r)
+        plot_delta(row[2], key, r)
         for ax in row:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     return fig
 
 
-def plot_scan(ax: Any, task: str, sc: dict[str, Any]) -> None:
-    ax.loglog(sc["batches"], sc["steps"], "o-", label="synchronous SGD")
-    ideal = [sc["steps"][0] * sc["batches"][0] / b for b in sc["batches"]]
-    ax.loglog(sc["batches"], ideal, ":", color="grey", label="perfect scaling")
-    ax.set_xticks(sc["batches"], [str(b) for b in sc["batches"]])
-    ax.minorticks_off()
-    if sc["plateau_batch"]:
-        ax.axvline(sc["plateau_batch"], color="C3", alpha=0.5, label="plateau batch")
-    ax.set(title=f"{task}: steps to eval loss {sc['target']:.3f}", xlabel="batch", ylabel="steps")
+def seed0(r: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """Seed 0's smoothed model curves by arm label (and the ensemble's), from the result file."""
+    s, runs = r["setting"], r["curves"]
+
+    def curve(key: Key) -> list[tuple[float, float]]:
+        groups = [[tuple(p) for p in c] for c in runs[name(key)]["groups"].values()]
+        return common.smooth(common.mean_curve(groups), SMOOTH)
+
+    b = s["batch"]
+    found = {f"sync 1x{2 * b}": curve(("sync", 2 * b, 0)), f"one 1x{b}": curve(("one", b, 0)),
+             f"indep 2x{b}": curve(("indep", 0, 0))}
+    found |= {f"codist 2x{b}, w {w:g}": curve(("codist", w, 0)) for w in s["weights"]}
+    found["ensemble of indep"] = common.smooth(
+        [tuple(p) for p in runs[name(("indep", 0, 0))]["ensemble"]], SMOOTH)
+    return found
 
 
-def plot_curves(ax: Any, task: str, r: dict[str, Any], runs: dict[tuple, Any]) -> None:
-    for color, g in enumerate(r["setting"]["groups"]):
-        codist = common.mean_curve(list(runs["codistill", g, 0].values()))
-        ax.plot(*zip(*runs["baseline", g, 0][0]), color=f"C{color}", label=f"sync {g}x{r['batch']}")
-        ax.plot(*zip(*codist), "--", color=f"C{color}", label=f"{g}-way codistill (mean of groups)")
-    shared = common.mean_curve(list(runs["shared", 2, 0].values()))
-    ax.plot(*zip(*shared), ":", color="C0", label="2-way, same data")
-    ax.plot(*zip(*runs["alone", 1, 0][0]), "-.", color="grey",
-            label=f"1 group at {r['batch']}, alone")
-    ax.set_ylim(top=min(c[1] for c in runs["baseline", 2, 0][0]) * 1.25)
-    ax.set(title=f"{task}: eval loss (seed 0)", xlabel="step")
+def plot_curves(ax: Any, key: str, r: dict[str, Any]) -> None:
+    curves = seed0(r)
+    for i, (label, c) in enumerate(curves.items()):
+        ax.plot(*zip(*c), ":" if label.startswith("ensemble") else "-", color=f"C{i}", label=label)
+    ax.set_ylim(top=min(c[len(c) // 4][1] for c in curves.values()) * 1.05)
+    ax.set(title=f"{key}: eval loss (seed 0, smoothed)", xlabel="step")
 
 
-def plot_ratios(ax: Any, task: str, r: dict[str, Any]) -> None:
-    entries = bar_entries(r)
-    bars = ax.bar([e[0] for e in entries], [e[1]["ratio"]["mean"] for e in entries],
-                  yerr=[e[1]["ratio"]["std"] for e in entries], color="C2", alpha=0.7)
-    for bar, (_, v) in zip(bars, entries):
-        if v["censored"]:  # some seeds never reached the target: the ratio is a lower bound
-            bar.set_hatch("//")
-    ax.bar_label(bars, labels=[f">= ({v['censored']}/{v['ratio']['n']} not reached)"
-                               if v["censored"] else "" for _, v in entries],
-                 label_type="center", rotation=90, fontsize=6)
+def plot_factors(ax: Any, key: str, r: dict[str, Any]) -> None:
+    f = r["factors"]
+    bars = [(f"codist/indep\nw {w}", v) for w, v in f["distillation"].items()]
+    bars += [("ensemble/indep\n(bound)", f["ensemble_bound"]), ("indep/one\n(shard)", f["shard"]),
+             ("one/sync\n(plateau)", f["plateau"])]
+    bars += [(f"codist/sync\nw {w}", v) for w, v in f["product"].items()]
+    ax.bar([b[0] for b in bars], [b[1]["mean"] for b in bars],
+           yerr=[b[1]["std"] for b in bars], color="C2", alpha=0.7)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.axhline(0.5, color="C3", linestyle="--", label="paper (about 0.5)")
-    ax.set(title=f"{task}: steps ratio codistill / sync", ylabel="ratio")
-    ax.tick_params(axis="x", labelrotation=30)
+    ax.axhline(0.5, color="C3", linestyle="--", label="paper, codist/sync (about 0.5)")
+    ax.set(title=f"{key}: steps ratios to a common target", ylabel="ratio")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=6)
 
 
-def bar_entries(r: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, summarized comparison) of every bar in the ratio panel."""
-    entries = [(f"{g}-way", v) for g, v in r["groups"].items()]
-    entries.append(("same data", r["controls"]["shared_data"]))
-    entries += [(f"K={k}", v) for k, v in r["controls"]["exchange_every"].items()]
-    entries.append(("1 group\nalone", r["reference"]["one_group_alone"]))
-    return entries
+def plot_delta(ax: Any, key: str, r: dict[str, Any]) -> None:
+    curves = seed0(r)
+    b = r["setting"]["batch"]
+    control = curves[f"indep 2x{b}"]
+    for i, w in enumerate(r["setting"]["weights"]):
+        c = curves[f"codist 2x{b}, w {w:g}"]
+        ax.plot([p[0] for p in c], [p[1] - q[1] for p, q in zip(c, control)], color=f"C{i + 3}",
+                label=f"codist w {w:g} - indep")
+    e = curves["ensemble of indep"]
+    ax.plot([p[0] for p in e], [p[1] - q[1] for p, q in zip(e, control)], ":", color="grey",
+            label="ensemble - indep (the bound)")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_ylim(-0.06, 0.06)
+    ax.set(title=f"{key}: eval loss against the paired control (seed 0)", xlabel="step",
+           ylabel="nats (negative: better)")
 
 
 def replot(path: Path) -> None:
-    """Redraw `<name>.png` from a result file's curves (job names follow from its settings)."""
+    """Redraw `<name>.png` from a result file."""
     doc = json.loads(path.read_text())
-    curves = {}
-    for task, r in doc["tasks"].items():
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in r["setting"].items()
-                  if k != "warmup_steps"}
-        runs = r["curves"]["runs"]
-        curves[task] = {"runs": {key: {int(g): [tuple(p) for p in c]
-                                       for g, c in runs[j.name].items()}
-                                 for key, j in arms(Setting(**fields), r["batch"]).items()}}
-    plot(doc["tasks"], curves).savefig(path.with_suffix(".png"), dpi=90)
+    plot(doc["settings"]).savefig(path.with_suffix(".png"), dpi=90)
     print(f"wrote {path.with_suffix('.png')}")
 
 
@@ -273,18 +333,21 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
     common.add_device(p)
-    p.add_argument("--tasks", default="lm,ctr", help="comma-separated tasks")
+    p.add_argument("--settings", help="comma-separated settings (default: all of the size)")
     p.add_argument("--replot", action="store_true", help="only redraw the plot of <out>'s result")
     args = p.parse_args()
     if args.replot:
         replot(args.out / "steps_to_target.json")
         return
     bench = common.Bench("steps_to_target")
-    settings = QUICK if args.quick else FULL
-    results, curves = {}, {}
-    for task in args.tasks.split(","):
-        results[task], curves[task] = bench_task(settings[task], args.jobs, args.device)
-    bench.write(args.out, {"quick": args.quick, "device": args.device, "tasks": results}, SCHEMA, plot(results, curves))
+    table = QUICK if args.quick else FULL
+    chosen = args.settings.split(",") if args.settings else list(table)
+    unknown = sorted(set(chosen) - set(table))
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown}; expected some of {sorted(table)}")
+    results = {k: analyse(k, table[k], run_arms(table[k], args.jobs, args.device)) for k in chosen}
+    bench.write(args.out, {"quick": args.quick, "device": args.device, "settings": results},
+                SCHEMA, plot(results))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,7 @@ def tiny_job(tmp_path, groups: int, steps: int = 24) -> sim.Job:
                      "checkpointEverySteps": steps, "optimizer": {"lr": 0.01}},
         "distillation": {"burnInSteps": 4, "exchangeEverySteps": 4, "reloadEverySteps": 4,
                          "maxStalenessSteps": 16, "pollIntervalSeconds": sim.PARKED},
-    }, eval_every=8, eval_size=(4, 2), predictions=True)
+    }, eval_every=8, eval_size=(4, 2), predictions=(steps,))
 
 
 def test_lockstep_codistillation_is_deterministic_and_distills(tmp_path):
@@ -119,7 +120,7 @@ def test_lockstep_codistillation_is_deterministic_and_distills(tmp_path):
     a, b = sim.run(job), sim.run(job)
     assert a.curves == b.curves  # teacher swaps do not depend on thread timing
     assert [s for s, _ in a.curves[0]] == [0, 8, 16, 24]
-    assert all(torch.equal(a.probs[g], b.probs[g]) for g in (0, 1))
+    assert all(torch.equal(a.probs[24][g], b.probs[24][g]) for g in (0, 1))
     # groups differ from a run where they never distill (weight 0) from step 8 on
     spec = copy.deepcopy(job.spec)
     spec["distillation"]["weight"] = 0.0
@@ -172,7 +173,9 @@ def test_pair_churn_compares_the_right_runs():
     other = torch.tensor([[0.4, 0.6], [0.2, 0.8]])
     probs = {("baseline", i): {0: same if i % 2 == 0 else other} for i in range(4)}
     probs |= {("codistill", 0): {0: same, 1: other}, ("codistill", 1): {0: same, 1: same}}
+    probs |= {("control", 0): {0: other, 1: same}, ("control", 1): {0: same, 1: other}}
     r = churn.pair_churn(probs, 0)
+    assert r["control_churn"] == r["baseline_churn"]  # group 0 of control 0 vs of control 1
     assert r["baseline_churn"] == {"flip": 0.5, "mad": pytest.approx(0.25)}
     assert r["codistill_churn"] == {"flip": 0.0, "mad": 0.0}  # group 0 of run 0 vs of run 1
     assert r["within_run_churn"]["flip"] == 0.5  # the two groups of run 0
@@ -228,3 +231,64 @@ def test_the_overhead_benchmarks_gpu_path_runs_on_a_cpu_in_bf16(tmp_path):
     assert found["2"]["teacher_bytes_per_peer"] == 2 * params
     assert found["1"]["teacher_bytes_per_peer"] is None
     assert found["2"]["resident_device_bytes"] is None  # measured on a GPU only
+
+
+def test_the_steps_headline_is_the_product_of_its_three_factors(tmp_path):
+    """The whole section-1 pipeline on a micro setting (the real trainer, 5 arms, 24 steps):
+    every arm of a seed reaches the common target, the factors multiply to the headline, the
+    transferred fraction and the deltas follow from the finals, and the result has its schema."""
+    torch.set_num_threads(1)
+    data = make_tiny_data(tmp_path / "data")
+    s = steps_to_target.Setting(
+        "lm", {"data_dir": str(data), "seq_len": 8, "embed": 8, "hidden": 16}, batch=4, steps=24,
+        seeds=1, burn_in=8, exchange=4, weights=(0.5,), eval_size=(4, 2), evals=6, lr=0.01,
+        lr_batch=4, checks=True)
+    jobs = steps_to_target.arms(s)
+    assert jobs["indep", 0, 0].spec["distillation"]["burnInSteps"] == 24  # never distills
+    assert jobs["sync", 8, 0].spec["training"]["optimizer"]["lr"] == pytest.approx(0.01 * 2**0.5)
+    out = {key: sim.run(job) for key, job in jobs.items()}
+    result = steps_to_target.analyse("micro", s, out)
+    seed = result["per_seed"][0]
+    f = seed["factors"]
+    assert f["product"]["0.5"] == pytest.approx(
+        f["distillation"]["0.5"] * f["shard"] * f["plateau"])
+    assert seed["target"] == max(common.best(steps_to_target.model_curve(o)) for k, o in out.items()
+                                 if k[0] in ("sync", "one", "indep", "codist") and k[1] != 16)
+    final = seed["final"]
+    assert final["ensemble"] <= final["indep"]  # the ensemble of two is never worse (Jensen)
+    assert seed["delta"]["0.5"] == pytest.approx(final["codist-0.5"] - final["indep"])
+    assert seed["transferred"]["0.5"] == pytest.approx(
+        (final["indep"] - final["codist-0.5"]) / (final["indep"] - final["ensemble"]))
+    assert result["plateau"]["batches"] == [4, 8, 16] and len(result["lr"]["check"]["8"]) == 3
+    common.check({"settings": {"micro": result}}, steps_to_target.SCHEMA, "micro")
+    steps_to_target.plot({"micro": result})  # draws from the result alone, as --replot does
+
+
+def test_an_ensembles_curve_is_recorded_for_a_run_of_several_groups(tmp_path):
+    torch.set_num_threads(1)
+    two, one = sim.run(tiny_job(tmp_path, groups=2)), sim.run(tiny_job(tmp_path, groups=1))
+    assert [s for s, _ in two.ensemble] == [s for s, _ in two.curves[0]] and not one.ensemble
+    members = [statistics.fmean(two.curves[g][i][1] for g in (0, 1)) for i in range(4)]
+    assert all(e <= m + 1e-9 for (_, e), m in zip(two.ensemble, members))
+
+
+def test_churn_is_measured_at_each_length_from_the_same_runs(tmp_path):
+    """The section-2 pipeline on a micro setting: predictions kept at a quarter, half and all of
+    the budget, every churn and ratio at each, and the result has its schema."""
+    torch.set_num_threads(1)
+    data = make_tiny_data(tmp_path / "data")
+    s = churn.Setting("lm", {"data_dir": str(data), "seq_len": 8, "embed": 8, "hidden": 16},
+                      batch=4, steps=24, pairs=1, eval_size=(4, 2), burn_in=8, exchange=4)
+    found = churn.jobs(s)
+    assert found["control", 1].spec["distillation"]["burnInSteps"] == 24  # never distills
+    outcomes = {key: sim.run(job) for key, job in found.items()}
+    assert all(set(o.probs) == {6, 12, 24} for o in outcomes.values())
+    result = churn.analyse(s, outcomes)
+    assert list(result["lengths"]) == ["6", "12", "24"]
+    at_end = result["lengths"]["24"]
+    pair = at_end["per_pair"][0]
+    assert at_end["ratio_to_control"]["flip"]["mean"] == pytest.approx(
+        pair["codistill_churn"]["flip"] / pair["control_churn"]["flip"])
+    assert at_end["quality"]["control"]["eval_loss"]["n"] == 4  # 2 runs x 2 groups
+    common.check({"tasks": {"lm": result}}, churn.SCHEMA, "churn")
+    churn.plot({"lm": result})
