@@ -77,8 +77,8 @@ images:
 	REGISTRY="$(REGISTRY)" TAG="$(TAG)" PUSH="$(PUSH)" PYTHON_IMAGE="$(PYTHON_IMAGE)" scripts/images.sh
 
 # Benchmarks (bench/, BENCHMARKS.md): the paper's claims and the system's costs, each writing
-# bench/results/<name>.json and .png. `bench` takes about an hour on 2 cores; `bench-quick` is a
-# reduced version (under 15 minutes) writing to bench/results/quick/. They print figures and assert
+# bench/results/<name>.json and .png. `bench` takes about 41 minutes on 2 cores; `bench-quick` is
+# a reduced version (about 5 minutes) writing to bench/results/quick/. They print figures and assert
 # nothing.
 BENCHES := steps_to_target churn overhead exchange_io requests operator_load
 .PHONY: bench bench-quick
