@@ -139,7 +139,7 @@ def warm_up(group_loops: list[train.Loop], limit: int) -> int:
     """Untimed steps until every group distills from all its peers; returns the next step."""
     step = 0
     while step < limit:
-        if all(not lp.teachers or len(lp.teachers.steps) == len(lp.teachers.peers)
+        if all(not lp.teachers or len(lp.teachers.steps) == len(lp.teachers.draw.at(step))
                for lp in group_loops):
             break
         for loop in group_loops:

@@ -70,7 +70,7 @@ def rates(counts: dict[str, dict[str, float]], groups: int, ranks: int, step_s: 
     def total(kinds: tuple[str, ...], what: str) -> float:
         return sum(counts[what].get(k, 0.0) for k in kinds)
 
-    interval, peers = poll_interval(1.0, groups), groups - 1
+    interval, peers = poll_interval(1.0, groups, groups - 1), groups - 1
     exchange_s = EXCHANGE * step_s
     pointer_reads = groups * peers * total(READS, "poll") / interval
     blob_reads = groups * peers * total(READS, "fetch") / exchange_s

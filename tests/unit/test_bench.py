@@ -21,6 +21,7 @@ from bench import (
     sim,
     steps_to_target,
 )
+from codistill.storage import Bucket
 from tests.support.datafixtures import make_tiny_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +130,29 @@ def test_lockstep_codistillation_is_deterministic_and_distills(tmp_path):
     alone = sim.Job(job.name, spec, job.eval_every, job.eval_size)
     c = sim.run(alone)
     assert c.curves[0][1] == a.curves[0][1] and c.curves[0][2] != a.curves[0][2]
+
+
+def test_teachers_k_holds_and_fetches_only_each_periods_draw_through_a_run(tmp_path):
+    torch.set_num_threads(1)
+    job = tiny_job(tmp_path, groups=4)
+    job.spec["distillation"]["teachers"] = 1
+    run = sim.manifest("k1", job.spec)
+    with sim.loops(run, Bucket((tmp_path / "b").as_uri())) as group_loops:
+        seen = set()
+        for step in range(24):
+            for loop in group_loops:
+                loop.step(step)
+            sim.boundary(group_loops, step + 1)
+            if (step + 1) % 4 == 0 and step + 1 > 4:  # a reload boundary after the first publish
+                for loop in group_loops:
+                    drawn = loop.teachers.draw.at(step + 1)
+                    assert len(drawn) == 1 and loop.w.group not in drawn
+                    assert set(loop.teachers.models) == set(drawn)
+                    held = {p for p, s in loop.teachers.poller.newest().items() if s >= 0}
+                    assert held <= loop.teachers.draw.ahead(step + 1)
+                    seen.add(drawn[0])
+        assert len(seen) > 1  # the draw moves between periods
+        assert all(loop.progress.step == 24 for loop in group_loops)
 
 
 def test_counting_bucket_counts_calls_and_teacher_bytes(tmp_path):

@@ -10,10 +10,10 @@ from codistill_trainer.exchange import teacher_channel, weights_to_bytes
 from codistill_trainer.shards import bounds, generator, shard_of
 from codistill_trainer.teachers import (
     POINTER_READS_PER_S,
+    Draw,
     PeerPoller,
     Teachers,
     poll_interval,
-    sample,
 )
 from codistill_trainer.uploader import Uploader
 
@@ -69,8 +69,8 @@ def teacher_at_50(tmp_path, max_staleness: int) -> tuple[Bucket, PeerPoller, Tea
     publish(bucket, 1, 50, 0.5)
     poller = PeerPoller(bucket, [1])
     poller.poll_once()
-    teachers = Teachers(TinyTask(), [1], poller, max_staleness=max_staleness)
-    teachers.refresh()
+    teachers = Teachers(TinyTask(), Draw((1,)), poller, max_staleness=max_staleness)
+    teachers.refresh(0)
     return bucket, poller, teachers
 
 
@@ -98,12 +98,34 @@ def test_poller_thread_runs_beside_caller(tmp_path):
         poller.stop()
 
 
-def test_sample_is_deterministic_per_step():
-    peers = [0, 2, 3, 5]
-    assert sample(peers, "all", 0, 7) == peers
-    a, b = sample(peers, 2, 0, 7), sample(peers, 2, 0, 7)
-    assert a == b and len(a) == 2 and set(a) <= set(peers)
-    assert len({tuple(sample(peers, 2, 0, s)) for s in range(30)}) > 1
+def test_a_draw_is_the_same_for_a_whole_reload_period_and_changes_between_them():
+    draw = Draw((0, 2, 3, 5), k=2, seed=0, period=50)
+    assert Draw((0, 2, 3, 5)).at(7) == [0, 2, 3, 5]  # `all`
+    assert draw.at(50) == draw.at(99) == Draw((0, 2, 3, 5), k=2, seed=0, period=50).at(60)
+    assert len(draw.at(50)) == 2 and set(draw.at(50)) <= {0, 2, 3, 5}
+    assert len({tuple(draw.at(50 * r)) for r in range(30)}) > 1
+    assert draw.ahead(50) == {*draw.at(50), *draw.at(100)}
+
+
+def test_a_drawn_group_fetches_and_holds_only_the_peers_of_this_period_and_the_next(tmp_path):
+    bucket = Bucket(tmp_path.as_uri())
+    for peer in (1, 2, 3, 4):
+        publish(bucket, peer, 50, float(peer))
+    draw = Draw((1, 2, 3, 4), k=1, seed=0, period=50)
+    at = next(s for s in range(0, 5000, 50) if draw.at(s) != draw.at(s + 50))  # a change ahead
+    poller = PeerPoller(bucket, [1, 2, 3, 4])
+    poller.want(draw.ahead(at))
+    poller.poll_once()
+    assert set(poller.newest()) == {1, 2, 3, 4}
+    assert {p for p, s in poller.newest().items() if s == 50} == draw.ahead(at)  # 2 of 4 fetched
+    teachers = Teachers(TinyTask(), draw, poller, max_staleness=1000)
+    teachers.refresh(at)
+    assert set(teachers.models) == set(draw.at(at))
+    (peer,) = draw.at(at)
+    assert teachers.models[peer].fc.weight.sum().item() == 6 * peer  # that peer's own weights
+    teachers.refresh(at + 50)  # the next period: its peer was fetched ahead, the old one let go
+    assert set(teachers.models) == set(draw.at(at + 50)) == set(teachers.usable(at + 50))
+    assert {p for p, s in poller.newest().items() if s == 50} <= draw.ahead(at + 50)
 
 
 def test_uploader_coalesces_to_latest_and_survives_errors():
@@ -152,7 +174,7 @@ def test_nonfinite_or_wrong_dtype_teacher_refused_last_good_kept(tmp_path):
         publish_tensors(bucket, 1, step, tensors)
         poller.poll_once()
         assert "keeping last good teacher" in poller.warnings[1], step
-        teachers.refresh()
+        teachers.refresh(0)
         assert teachers.steps == {1: 50}, step
         weight = teachers.models[1].fc.weight
         assert weight.dtype == torch.float32 and torch.allclose(weight, torch.full((2, 3), 0.5))
@@ -161,7 +183,7 @@ def test_nonfinite_or_wrong_dtype_teacher_refused_last_good_kept(tmp_path):
     assert torch.isfinite(teachers.logits(type("B", (), {"inputs": x})(), [1])[0]).all()
     publish(bucket, 1, 300, 2.0)  # a genuine publish is swapped in and clears the warning
     poller.poll_once()
-    teachers.refresh()
+    teachers.refresh(0)
     assert teachers.steps == {1: 300} and 1 not in poller.warnings
 
 
@@ -174,10 +196,10 @@ def test_teachers_load_refuses_bad_weights_the_poller_let_through(tmp_path):
     publish_tensors(bucket, 1, 100, {k: v.to(torch.float64) for k, v in good.items()})
     poller.poll_once()
     assert poller.newest()[1] == 100  # let through: only non-finite values are known bad here
-    teachers.refresh()
+    teachers.refresh(0)
     assert teachers.steps == {1: 50} and "torch.float64" in teachers.warnings[1]
     assert torch.allclose(teachers.models[1].fc.weight, torch.full((2, 3), 0.5))
-    teachers.refresh()  # not retried at every reload boundary
+    teachers.refresh(0)  # not retried at every reload boundary
     assert teachers.steps == {1: 50}
 
 
@@ -186,8 +208,8 @@ def test_pointer_step_out_of_range_refused(tmp_path):
     publish(bucket, 1, 50, 0.5)
     poller = PeerPoller(bucket, [1], max_step=1000)
     poller.poll_once()
-    teachers = Teachers(TinyTask(), [1], poller, max_staleness=100)
-    teachers.refresh()
+    teachers = Teachers(TinyTask(), Draw((1,)), poller, max_staleness=100)
+    teachers.refresh(0)
     assert teachers.steps == {1: 50}
     for step in (10**19, 10**15, 1001, -5):  # past int64, huge, past training.steps, negative
         publish(bucket, 1, step, 9.0)
@@ -195,11 +217,11 @@ def test_pointer_step_out_of_range_refused(tmp_path):
         assert poller.newest()[1] == 50, step
         assert "keeping last good teacher" in poller.warnings[1], step
         assert step < 0 or "outside [0, 1000]" in poller.warnings[1], step  # (-5: may be malformed)
-        teachers.refresh()  # no int64 overflow in the all-reduce
+        teachers.refresh(0)  # no int64 overflow in the all-reduce
         assert teachers.steps == {1: 50}, step
     publish(bucket, 1, 1000, 1.0)  # genuine publishes are still swapped in, not pinned out
     poller.poll_once()
-    teachers.refresh()
+    teachers.refresh(0)
     assert teachers.steps == {1: 1000} and 1 not in poller.warnings
     assert teachers.usable(1000) == [1]
 
@@ -210,7 +232,8 @@ def test_pointer_step_past_int64_refused_without_max_step(tmp_path):
     poller = PeerPoller(bucket, [1])
     poller.poll_once()
     assert poller.newest() == {1: -1} and "outside" in poller.warnings[1]
-    Teachers(TinyTask(), [1], poller, max_staleness=100).refresh()  # would raise OverflowError
+    # would raise OverflowError
+    Teachers(TinyTask(), Draw((1,)), poller, max_staleness=100).refresh(0)
 
 
 def test_bf16_teachers_take_half_the_memory_and_accept_fp32_weights(tmp_path):
@@ -222,8 +245,8 @@ def test_bf16_teachers_take_half_the_memory_and_accept_fp32_weights(tmp_path):
     for dtype in (torch.float32, torch.bfloat16):
         poller = PeerPoller(bucket, [1])
         poller.poll_once()
-        teachers = Teachers(TinyTask(), [1], poller, max_staleness=100, dtype=dtype)
-        teachers.refresh()
+        teachers = Teachers(TinyTask(), Draw((1,)), poller, max_staleness=100, dtype=dtype)
+        teachers.refresh(0)
         assert teachers.steps == {1: 50} and 1 not in teachers.warnings
         model = teachers.models[1]
         assert {p.dtype for p in model.parameters()} == {dtype}
@@ -241,13 +264,13 @@ def _rank_refreshes(rank: int, root: str, seen: "torch.multiprocessing.SimpleQue
     try:
         bucket = Bucket(f"file://{root}/bucket")
         poller = PeerPoller(bucket, [1]) if rank == 0 else None
-        teachers = Teachers(TinyTask(), [1], poller, max_staleness=100)
+        teachers = Teachers(TinyTask(), Draw((1,)), poller, max_staleness=100)
         loaded = []
         for step, value in ((50, 0.5), (100, float("nan"))):  # the second is refused
             if rank == 0:
                 publish(bucket, 1, step, value)
                 poller.poll_once()
-            teachers.refresh()
+            teachers.refresh(0)
             weight = teachers.models[1].fc.weight
             loaded.append((teachers.steps[1], weight.sum().item()))
         seen.put((rank, loaded, sorted(teachers.all_warnings())))
@@ -270,8 +293,12 @@ def test_rank_0_alone_reads_the_bucket_and_sends_every_rank_the_same_teacher(tmp
 
 
 def test_poll_interval_keeps_the_runs_pointer_reads_within_one_s3_prefix():
-    assert poll_interval(1.0, 2) == 1.0 and poll_interval(0.05, 8) == 0.05  # small runs: as asked
+    assert poll_interval(1.0, 2, 1) == 1.0 and poll_interval(0.05, 8, 7) == 0.05  # as asked
     for groups in (54, 64, 128, 512):
-        interval = poll_interval(1.0, groups)
+        interval = poll_interval(1.0, groups, groups - 1)
         assert groups * (groups - 1) / interval <= POINTER_READS_PER_S
-    assert poll_interval(1.0, 64) > 1.0 and poll_interval(10.0, 64) == 10.0
+    assert poll_interval(1.0, 64, 63) > 1.0 and poll_interval(10.0, 64, 63) == 10.0
+    # `teachers: 2` polls at most 4 peers: 512 groups stay at 1 s
+    draw = Draw(tuple(range(1, 512)), k=2)
+    assert draw.most() == 4 and poll_interval(1.0, 512, draw.most()) == 1.0
+    assert Draw((1, 2, 3), k=2).most() == 3 and Draw((1, 2, 3)).most() == 3

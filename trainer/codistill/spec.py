@@ -145,11 +145,13 @@ class Distillation(_Model):
         1.0, ge=0.05, le=3600,
         description="How often each group checks the bucket for its peers' newest weights "
         "(in the background; it only bounds how soon a new publish can be swapped in). Raised to "
-        "G(G-1)/2750 s where G groups would read pointers faster than one S3 prefix serves.",
+        "G x P / 2750 s (P the peers each polls: G - 1, or at most 2k with `teachers: k`) where G "
+        "groups would read pointers faster than one S3 prefix serves.",
     )
     teachers: int | Literal["all"] = Field(
         "all",
-        description="`all` peers, or a number k: distill from a random sample of k peers per step.",
+        description="`all` peers, or a number k: distill from k peers drawn at random for each "
+        "reload period (the group fetches and holds only those, and the next period's).",
         json_schema_extra={"x-kubernetes-int-or-string": True},
     )
 

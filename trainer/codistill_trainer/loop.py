@@ -30,7 +30,7 @@ from .progress import ProgressMeter
 from .shards import shard_of
 from .tasks import resolve
 from .tasks.base import Batch, Task
-from .teachers import POINTER_READS_PER_S, PeerPoller, Teachers, poll_interval, sample
+from .teachers import POINTER_READS_PER_S, Draw, PeerPoller, Teachers, poll_interval
 from .uploader import Uploader
 
 log = logging.getLogger(__name__)
@@ -185,13 +185,15 @@ class Loop:
         return 0 if previous is None else previous.restarts + 1
 
     def _teachers(self) -> Teachers | None:
-        peers = [g for g in range(self.spec.groups) if g != self.w.group]
+        d = self.spec.distillation
+        peers = tuple(g for g in range(self.spec.groups) if g != self.w.group)
         if not peers:
             return None
+        draw = Draw(peers, d.teachers, self.spec.training.seed, d.reload_every_steps)
         poller = None
         if self.w.rank == 0:  # the other ranks get their teachers from rank 0 (teachers.py)
             asked = self.spec.distillation.poll_interval_seconds
-            interval = poll_interval(asked, self.spec.groups)
+            interval = poll_interval(asked, self.spec.groups, draw.most())
             if interval > asked:
                 log.info("group %d: polling peers every %.1f s, not %.1f s: %d groups polling "
                          "faster would read more than %d pointers a second", self.w.group,
@@ -199,8 +201,10 @@ class Loop:
             poller = PeerPoller(
                 self.w.bucket, peers, interval,
                 max_step=self.spec.training.steps,  # a peer's pointer beyond it is refused (D9)
-            ).start()
-        return Teachers(self.task, peers, poller, self.spec.distillation.max_staleness_steps,
+            )
+            poller.want(draw.ahead(self.start))  # before its thread's first poll
+            poller.start()
+        return Teachers(self.task, draw, poller, d.max_staleness_steps,
                         self.w.device, PRECISIONS[self.spec.training.precision])
 
     def autocast(self) -> torch.autocast:
@@ -214,9 +218,9 @@ class Loop:
         batch = to_device(self.data.batch(step, t.batch_size, t.seed), self.w.device)
         peers: list[int] = []
         if self.teachers and distills(step, d):
-            # The teachers see the student's own batch; every rank of the group draws the same
-            # peers, so the ranks stay in step.
-            peers = sample(self.teachers.usable(step), d.teachers, t.seed, step)
+            # The teachers see the student's own batch; every rank of the group holds the same
+            # teachers (this period's draw), so the ranks stay in step.
+            peers = self.teachers.usable(step)
         with self.autocast():
             out = self.task.forward(self.ddp, batch)
             task_loss = self.task.loss(out, batch)
@@ -271,8 +275,8 @@ class Loop:
             self.check_losses(done)  # a collective, at the same boundaries on every rank
         if self.teachers and done % d.exchange_every_steps == 0:
             self.publish(done)
-        if self.teachers and done % d.reload_every_steps == 0:
-            self.teachers.refresh()
+        if self.teachers and done % d.reload_every_steps == 0 and done < t.steps:
+            self.teachers.refresh(done)  # for the period from `done` on: none after the last step
         if done % t.eval_every_steps == 0 or done == t.steps:
             loss, acc = evaluate(self.task, self.model, self.eval_batches, self.w.device)
             self.progress.record_eval(done, loss, acc)
@@ -342,7 +346,7 @@ class Loop:
         self.progress.state = "training"
         self.report_progress()
         if self.teachers and self.start:
-            self.teachers.refresh()
+            self.teachers.refresh(self.start)
         self.model.train()
         try:
             for step in range(self.start, self.spec.training.steps):

@@ -1,7 +1,8 @@
 """The teachers: stale copies of the peer groups' models, tolerant of missing or broken ones.
 
-On rank 0 of each group only, a background poller watches each peer's teacher channel, and
-fetches, verifies and decodes every new blob off the training thread. At a reload boundary rank 0
+On rank 0 of each group only, a background poller watches the teacher channels of the peers the
+group will distill from (`Draw`: all of them, or `teachers: k` drawn once per reload period),
+and fetches, verifies and decodes every new blob off the training thread. At a reload boundary rank 0
 tells the other ranks which versions it holds and broadcasts their weights, and all ranks swap
 them in together, so every rank of a group distills from the same teacher, and the bucket sees
 one reader per group instead of one per rank (64 groups of 8 ranks polling every second would be
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,14 +33,15 @@ INT64_MAX = 2**63 - 1  # the agreement tensor is int64: a larger step cannot eve
 
 # Pointer reads a second the whole run may make: half of what one S3 prefix serves (5,500 GET/s),
 # the rest left to blob fetches, status and the operator. Every group's poller reads each peer's
-# pointer once per poll, so G groups read G(G-1) pointers per poll interval.
+# pointer it polls once per poll, so G groups polling P peers each read G x P pointers per poll
+# interval (P = G - 1 with `teachers: all`, at most 2k with `teachers: k`).
 POINTER_READS_PER_S = 2750
 
 
-def poll_interval(asked: float, groups: int) -> float:
+def poll_interval(asked: float, groups: int, polled: int) -> float:
     """pollIntervalSeconds, raised where the run's pointer reads would pass POINTER_READS_PER_S
-    (from 54 groups at the default 1 s; 128 groups poll every 5.9 s)."""
-    return max(asked, groups * (groups - 1) / POINTER_READS_PER_S)
+    (with every peer polled: from 54 groups at the default 1 s; 128 groups poll every 5.9 s)."""
+    return max(asked, groups * polled / POINTER_READS_PER_S)
 
 
 # What a model's state_dict looks like: each entry's dtype and shape.
@@ -70,8 +73,38 @@ def bad_weights(weights: Mapping[str, torch.Tensor], expected: Layout | None = N
     return None
 
 
+@dataclass(frozen=True)
+class Draw:
+    """The peers a group distills from in each reload period: `all`, or k of them drawn the same
+    way on every rank of the group. One draw per period, not per step, so a group fetches and
+    holds only k teachers (and the next period's, fetched ahead): with 64 groups, 2 instead of 63
+    models in memory and 2-4 blob reads per exchange instead of 63 (BENCHMARKS.md, section 8)."""
+
+    peers: tuple[int, ...]
+    k: int | str = "all"
+    seed: int = 0
+    period: int = 1  # reloadEverySteps: a draw lasts from one reload boundary to the next
+
+    def at(self, step: int) -> list[int]:
+        """The peers of the period that holds `step`."""
+        if self.k == "all" or len(self.peers) <= int(self.k):
+            return sorted(self.peers)
+        order = torch.randperm(len(self.peers),
+                               generator=generator(self.seed, 0, step // self.period)).tolist()
+        return sorted(self.peers[i] for i in order[: int(self.k)])
+
+    def most(self) -> int:
+        """The most peers `ahead` can name: what the poller polls at most."""
+        return len(self.peers) if self.k == "all" else min(2 * int(self.k), len(self.peers))
+
+    def ahead(self, step: int) -> set[int]:
+        """What the poller should fetch from `step` on: this period's peers and the next's."""
+        return {*self.at(step), *self.at(step + self.period)}
+
+
 class PeerPoller:
-    """Polls peers' pointers in a thread; keeps each peer's last few verified versions in memory."""
+    """Polls peers' pointers in a thread; keeps each peer's last few verified versions in memory.
+    Only the peers `want` names are polled and kept (all of them until it is called)."""
 
     def __init__(
         self,
@@ -89,6 +122,7 @@ class PeerPoller:
         self.max_step = INT64_MAX if max_step is None else min(max_step, INT64_MAX)
         self.expected = expected
         self._versions: dict[int, dict[int, dict[str, torch.Tensor]]] = {p: {} for p in peers}
+        self._wanted = frozenset(peers)
         self._refused: dict[int, tuple[int, str, str]] = {}  # the last refused pointer, per peer
         self.warnings: dict[int, str] = {}
         self._lock = threading.Lock()
@@ -109,8 +143,19 @@ class PeerPoller:
             self.poll_once()
             self._stop.wait(self.interval)
 
+    def want(self, peers: Iterable[int]) -> None:
+        """Poll only these peers from now on, and free the versions held of the others."""
+        wanted = frozenset(peers)
+        with self._lock:
+            self._wanted = wanted
+            for peer, versions in self._versions.items():
+                if peer not in wanted:
+                    versions.clear()
+
     def poll_once(self) -> None:
         for peer, channel in self.channels.items():
+            if peer not in self._wanted:
+                continue
             try:
                 pointer = channel.latest()
                 if pointer is None or pointer.step in self._versions[peer]:
@@ -137,6 +182,8 @@ class PeerPoller:
                 self._refuse(peer, seen, f"step {pointer.step}: {reason}")
                 continue
             with self._lock:
+                if peer not in self._wanted:  # dropped by `want` while it was being fetched
+                    continue
                 versions = self._versions[peer]
                 versions[pointer.step] = fetched
                 for old in sorted(versions)[: -self.keep]:
@@ -166,15 +213,14 @@ class Teachers:
     """The peer models this group distills from, in eval mode and never trained."""
 
     def __init__(
-        self, task: Task, peers: Sequence[int], poller: PeerPoller | None, max_staleness: int,
+        self, task: Task, draw: Draw, poller: PeerPoller | None, max_staleness: int,
         device: torch.device | None = None, dtype: torch.dtype = torch.float32,
     ):
         """`poller` is rank 0's (None on the other ranks, which get their teachers from it).
         `dtype` is what the teachers are held in (bfloat16 halves their memory); what peers
         publish is checked against the task model's own float32 layout all the same."""
-        self.task, self.poller, self.max_staleness = task, poller, max_staleness
+        self.task, self.draw, self.poller, self.max_staleness = task, draw, poller, max_staleness
         self.device, self.dtype = device or torch.device("cpu"), dtype
-        self.peers = sorted(peers)
         self.models: dict[int, nn.Module] = {}
         self.steps: dict[int, int] = {}
         self.warnings: dict[int, str] = {}
@@ -183,12 +229,19 @@ class Teachers:
         if poller is not None and poller.expected is None:  # refused in its thread already
             poller.expected = self.expected
 
-    def refresh(self) -> None:
-        """Swap in rank 0's newer peer versions on every rank together (a collective: call on
-        all ranks). Every rank decides the same: `steps` and `_refused` agree on all of them."""
+    def refresh(self, at: int) -> None:
+        """At the reload boundary before step `at`: drop the teachers this period did not draw
+        and swap in rank 0's newer versions of those it did, on every rank together (a
+        collective: call on all ranks). Every rank decides the same: the draw, `steps` and
+        `_refused` agree on all of them."""
+        peers = self.draw.at(at)
+        for gone in set(self.models) - set(peers):
+            del self.models[gone], self.steps[gone]
+        if self.poller is not None:
+            self.poller.want(self.draw.ahead(at))
         held = self.poller.snapshot() if self.poller is not None else {}
-        newest = dist.from_rank0([held[p][0] if p in held else NONE for p in self.peers])
-        for peer, step in zip(self.peers, newest):
+        newest = dist.from_rank0([held[p][0] if p in held else NONE for p in peers])
+        for peer, step in zip(peers, newest):
             if step == NONE or step <= self.steps.get(peer, NONE) or self._refused.get(peer) == step:
                 continue
             sent = held[peer][1] if peer in held else None
@@ -248,10 +301,3 @@ class Teachers:
     def staleness(self, step: int) -> dict[int, int]:
         return {p: step - s for p, s in self.steps.items()}
 
-
-def sample(peers: list[int], k: int | str, seed: int, step: int) -> list[int]:
-    """`all` peers, or k of them drawn the same way on every rank of the group at this step."""
-    if k == "all" or len(peers) <= int(k):
-        return peers
-    order = torch.randperm(len(peers), generator=generator(seed, 0, step)).tolist()
-    return sorted(peers[i] for i in order[: int(k)])
