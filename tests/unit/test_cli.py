@@ -316,3 +316,20 @@ def test_run_refuses_more_processes_than_the_machine_holds(tmp_path, capsys, mon
     write(tmp_path, manifest(tmp_path, groups=2, workersPerGroup=4))  # 8 = 4 x 2: allowed
     code, out = run_cli(capsys, "run", path)
     assert code == 1 and started == [9, 8], out
+
+
+def test_a_crash_message_shows_why_above_torchruns_summary(tmp_path):
+    from codistill_trainer.cli import launch
+
+    log = tmp_path / "w.log"
+    summary = [f"torchrun summary line {i}" for i in range(20)]
+    log.write_text("\n".join(["training", "Fatal Python error: Aborted", "  File loop.py",
+                              *summary]) + "\n")
+    shown = launch.excerpt(log).splitlines()
+    assert shown[:3] == ["Fatal Python error: Aborted", "  File loop.py", "torchrun summary line 0"]
+    assert shown[-15:] == summary[-15:] and "..." in shown
+    log.write_text("\n".join(["Traceback (most recent call last):", *summary[:3]]) + "\n")
+    assert launch.excerpt(log).splitlines()[0] == "Traceback (most recent call last):"  # in the tail
+    log.write_text("\n".join(summary) + "\n")
+    assert launch.excerpt(log).splitlines() == summary[-15:]
+    assert launch.excerpt(tmp_path / "none.log") == "(no log)"

@@ -122,6 +122,21 @@ def main() -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if world > 1:
+        _exit_before_teardown()
+
+
+def _exit_before_teardown() -> None:
+    """End a distributed worker whose work is committed without the interpreter's teardown.
+
+    Past destroy_process_group, the destructors that run at interpreter exit can still meet
+    gloo's threads and abort the process ("terminate called without an active exception",
+    SIGABRT: about 1 exit in 40 of a bare two-rank DDP script here, more on a loaded machine).
+    torchrun and the Training Operator read that as a failed replica and restart the group."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ A crashed worker or Ctrl-C stops every process, with a clear message and a non-z
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -139,11 +140,22 @@ def _signal(r: Replica, sig: signal.Signals) -> None:
         pass
 
 
-def tail(path: Path, lines: int = 15) -> str:
+# Where a crash's own account starts in a log. Under torchrun a log ends with its summary,
+# which names only the signal ("SIGABRT"); the lines that say why come earlier.
+CAUSE = re.compile(r"^(Traceback \(most recent call last\)|Fatal Python error|terminate called)")
+
+
+def excerpt(path: Path, lines: int = 15) -> str:
+    """The log's last `lines`, after the first crash account in it when that is further up."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace").splitlines()
     except OSError:
         return "(no log)"
+    end = max(0, len(text) - lines)
+    first = next((i for i, line in enumerate(text[:end]) if CAUSE.match(line)), None)
+    if first is None:
+        return "\n".join(text[end:])
+    return "\n".join([*text[first : min(first + lines, end)], "...", *text[end:]])
 
 
 def failed(reps: list[Replica]) -> Replica | None:
@@ -162,7 +174,7 @@ def supervise(reps: list[Replica], folder: RunFolder, run: Codistillation, conso
         bad = failed(reps)
         if bad:
             raise RunFailed(f"{bad.name} exited with code {bad.proc.returncode}; stopped the run. "
-                            f"Log {bad.log}:\n{tail(bad.log)}")
+                            f"Log {bad.log}:\n{excerpt(bad.log)}")
         return all(r.proc.poll() == 0 for r in reps)
 
     with tables.ProgressWatch(folder, run.spec.groups) as watch:
