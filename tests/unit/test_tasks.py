@@ -369,3 +369,9 @@ def test_an_import_path_from_the_bucket_is_never_imported_unless_allowed(
     monkeypatch.setenv(names.ENV_TASKS, f"{user_module}:make")
     with pytest.raises(SpecError, match="subprocess:run"):
         resolve("subprocess:run", {"args": ["true"]})
+
+
+def test_ngram_stream_is_the_same_for_a_seed_and_differs_across_seeds(tiny: Path) -> None:
+    first, again = (make("lm", tiny, ngram=4).train_data(1, 2) for _ in range(2))
+    assert torch.equal(first.batch(7, 8, seed=3).inputs, again.batch(7, 8, seed=3).inputs)
+    assert not torch.equal(first.batch(7, 8, seed=3).inputs, again.batch(7, 8, seed=4).inputs)
