@@ -90,7 +90,8 @@ class PodNetwork:
     def setup(self) -> None:
         if Path(f"/sys/class/net/{self.bridge}").exists():
             raise NetError(f"interface {self.bridge} exists already (another kubelet? a crashed one: "
-                           f"`python cluster/kubelet.py --dir DIR --cleanup`)")
+                           f"`python -m cluster.kubelet --dir DIR --kubelet-dir KUBELET_DIR --cleanup`, "
+                           f"KUBELET_DIR being the folder with its state.json)")
         routes = json.loads(_ip("-j", "route", "show", "table", "all") or "[]")
         for r in routes:
             dst = r.get("dst", "")
